@@ -300,3 +300,22 @@ def test_prediction_loading_layouts_and_errors(tmp_path, embedder):
   with pytest.raises(ValueError, match="iscrowd"):
     grandf.load_mask_gt(broken)
   assert os.path.exists(tmp_path / "sa_a.json")
+
+
+def test_command_line_writes_the_numbers(tmp_path, bert_dir, meteor, monkeypatch):
+  from eval import run_gcg_eval
+  monkeypatch.setattr("pycocoevalcap.meteor.meteor.Meteor", lambda: meteor)  # reuse the JVM
+  cap_gt, mask_gt = _gt()
+  gt_dir = tmp_path / "gt"
+  gt_dir.mkdir()
+  for name, data in (("val_gcg_coco_caption_gt.json", cap_gt), ("val_gcg_coco_mask_gt.json", mask_gt)):
+    with open(gt_dir / name, "w") as f:
+      json.dump(data, f)
+  for r in _records(_perfect_preds()).values():
+    write_prediction(str(tmp_path / "pred"), r)
+  run_gcg_eval.main(["--pred_dir", str(tmp_path / "pred"), "--gt_dir", str(gt_dir), "--split",
+                     "val", "--bert_dir", bert_dir, "--out", str(tmp_path / "out")])
+  with open(tmp_path / "out" / "gcg_val.json") as f:
+    out = json.load(f)
+  assert out["AP50"] == 1.0 and out["mIoU"] == 1.0 and out["recall"] == 1.0
+  assert out["METEOR"] > 0.5 and out["split"] == "val"
