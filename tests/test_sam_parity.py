@@ -133,6 +133,7 @@ def test_get_rel_pos_matches_reference(q_size, k_size, table):
 @pytest.mark.parametrize("window,input_size,hw", [
     (4, (6, 6), (5, 11)),     # windowed, pads 3 rows and 1 column
     (4, (6, 6), (9, 6)),      # windowed, pads 3 rows and 2 columns
+    (0, (6, 10), (6, 10)),    # global, non-square tables: rel_pos_h [11, D], rel_pos_w [19, D]
     (0, (8, 8), (6, 10)),     # global: rel_pos_h shrinks 15 -> 11, rel_pos_w grows 15 -> 19
 ])
 def test_block_matches_reference_on_non_square_maps(window, input_size, hw):
@@ -146,7 +147,7 @@ def test_block_matches_reference_on_non_square_maps(window, input_size, hw):
   x = torch.randn(2, *hw, 32)
   with torch.no_grad():
     want = _np(t_block(x))
-  got = np.asarray(j_block(jnp.asarray(_np(x))))
+  got = np.asarray(jax.jit(lambda m, x: m(x))(j_block, jnp.asarray(_np(x))))
   np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
 
 
@@ -205,10 +206,9 @@ def test_prompt_encoder_matches_reference(prompt_encoders, use_points, use_boxes
       masks if use_masks else None
   with torch.no_grad():
     t_sparse, t_dense = t_pe(*t_args)
-  j_sparse, j_dense = j_pe(
-      points=(jnp.asarray(_np(coords)), jnp.asarray(_np(labels))) if use_points else None,
-      boxes=jnp.asarray(_np(boxes)) if use_boxes else None,
-      masks=_nhwc(masks) if use_masks else None)
+  j_sparse, j_dense = jax.jit(lambda m, p, b, k: m(points=p, boxes=b, masks=k))(
+      j_pe, (jnp.asarray(_np(coords)), jnp.asarray(_np(labels))) if use_points else None,
+      jnp.asarray(_np(boxes)) if use_boxes else None, _nhwc(masks) if use_masks else None)
   assert j_sparse.shape == tuple(t_sparse.shape)
   np.testing.assert_allclose(np.asarray(j_sparse), _np(t_sparse), rtol=0, atol=TOL)
   np.testing.assert_allclose(_nchw(j_dense), _np(t_dense), rtol=0, atol=TOL)
@@ -241,8 +241,8 @@ def test_mask_decoder_matches_reference(num_sparse, multimask):
   dense = torch.randn(n, dim, 6, 8)
   with torch.no_grad():
     t_masks, t_iou = t_dec(image, pe, sparse, dense, multimask_output=multimask)
-  j_masks, j_iou = j_dec(_nhwc(image), _nhwc(pe), jnp.asarray(_np(sparse)), _nhwc(dense),
-                         multimask_output=multimask)
+  j_masks, j_iou = jax.jit(lambda m, *a: m(*a, multimask_output=multimask))(
+      j_dec, _nhwc(image), _nhwc(pe), jnp.asarray(_np(sparse)), _nhwc(dense))
   assert j_masks.shape == tuple(t_masks.shape) == (n, 3 if multimask else 1, 24, 32)
   np.testing.assert_allclose(np.asarray(j_masks), _np(t_masks), rtol=0, atol=TOL)
   np.testing.assert_allclose(np.asarray(j_iou), _np(t_iou), rtol=0, atol=TOL)
@@ -412,6 +412,24 @@ def test_vit_h_shapes_and_parameter_count():
   t_shapes = {sam_params.GLAMM_SAM_PREFIX + k: tuple(v.shape)
               for k, v in t_sam.state_dict().items()}
   assert t_shapes == want
+
+
+def test_vit_h_logical_axis_names_shard_on_the_mesh():
+  """Every variable names each axis, and the names place ViT-H evenly on a (1, 2, 4) mesh."""
+  from models import sharding
+  model = _abstract(lambda r: Sam(SamConfig.vit_h(), rngs=r))
+  state = nnx.state(model, (nnx.Param, sam_params.layers.Buffer))
+  specs = nnx.get_partition_spec(state)
+  for (path, var), (_, spec) in zip(state.flat_state(), specs.flat_state()):
+    spec = spec.get_value() if isinstance(spec, nnx.Variable) else spec
+    assert len(spec) == len(var.shape), (path, spec, var.shape)
+  mesh = jax.make_mesh((1, 2, 4), sharding.MESH_AXES)
+  shardings = sharding.param_shardings(state, mesh)
+  for (path, var), (_, sh) in zip(state.flat_state(), nnx.State(shardings).flat_state()):
+    sh = sh.get_value() if isinstance(sh, nnx.Variable) else sh
+    for dim, axes in zip(var.shape, tuple(sh.spec) + (None,) * (len(var.shape) - len(sh.spec))):
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+      assert dim % math.prod(mesh.shape[a] for a in axes) == 0, (path, var.shape, sh.spec)
 
 
 def test_loader_reports_every_problem():

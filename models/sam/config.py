@@ -52,7 +52,8 @@ class SamImageEncoderConfig:
                        f"num_heads {self.num_heads}")
     bad = [i for i in self.global_attn_indexes if not 0 <= i < self.depth]
     if bad:
-      raise ValueError(f"SamImageEncoderConfig: global_attn_indexes {bad} outside depth {self.depth}")
+      raise ValueError(f"SamImageEncoderConfig: global_attn_indexes {bad} outside depth "
+                       f"{self.depth}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +63,7 @@ class SamPromptEncoderConfig:
   image_embedding_size: tuple[int, int] = (64, 64)   # (H, W) of the image embedding
   input_image_size: tuple[int, int] = (1024, 1024)   # (H, W) of the padded encoder input
   mask_in_chans: int = 16
-  num_point_embeddings: int = 4                      # negative, positive, box corner 1, box corner 2
+  num_point_embeddings: int = 4   # negative point, positive point, box corner 1, box corner 2
 
 
 @dataclasses.dataclass(frozen=True)

@@ -180,8 +180,9 @@ class ImageEncoder(nnx.Module):
         names=("kernel_h", "kernel_w", "conv_in", "vis_embed"), rngs=rngs)
     self.pos_embed = nnx.data(None)  # data, so a Param may replace it
     if c.use_abs_pos:
+      # A logical name may appear once per array, so only the row axis is called "pos".
       self.pos_embed = nnx.Param(sharding.with_names(
-          nnx.initializers.zeros, None, "pos", "pos", "vis_embed")(
+          nnx.initializers.zeros, None, "pos", None, "vis_embed")(
               None, (1, c.grid_size, c.grid_size, c.embed_dim)))
     grid = (c.grid_size, c.grid_size)
     self.blocks = nnx.List([Block(c, c.block_window_size(i), grid, rngs=rngs)

@@ -94,7 +94,8 @@ class LayerNorm(nnx.Module):
 
 
 class MlpBlock(nnx.Module):
-  """`lin2(act(lin1(x)))`: SAM's `MLPBlock` (GELU in the encoder, ReLU in the two-way transformer)."""
+  """`lin2(act(lin1(x)))`: SAM's `MLPBlock` (GELU in the encoder, ReLU in the two-way
+  transformer)."""
 
   def __init__(self, dim: int, mlp_dim: int, act: Callable[[jax.Array], jax.Array], *,
                embed_name: str, mlp_name: str, rngs: nnx.Rngs):
