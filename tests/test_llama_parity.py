@@ -12,24 +12,19 @@ import functools
 import numpy as np
 import pytest
 import torch
-from tests.hf_reference import import_transformers
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-transformers = import_transformers()
-
+from altp_jax.attention_scores import last_query_scores
 from models.llama.config import LlamaConfig
 from models.llama.modeling import LlamaForCausalLM
 from models.llama.params import HF_LLAMA_TABLE
 from models.param_tables import load_state_dict
+from tests.hf_reference import import_transformers
 
-try:  # the lead's score function; a local reference stands in until it lands
-  from altp_jax.attention_scores import last_query_scores
-except ImportError:  # pragma: no cover - depends on the tree state
-  last_query_scores = None
-
+transformers = import_transformers()
 ATOL = 1e-4
 
 
@@ -249,12 +244,10 @@ def test_last_query_scores_match_hf_eager_attention(models):
   q_last = np.asarray(q)[rows, last]  # [B, Hq, Dh]
   # FastV: layer K-1's own q/k.
   want = attn[k - 1].numpy()[rows, :, last, :].mean(1)
-  got = reference_last_query_scores(q_last, kk, valid)
-  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-  if last_query_scores is not None:
-    np.testing.assert_allclose(np.asarray(last_query_scores(jnp.asarray(q_last), kk,
-                                                            jnp.asarray(valid))),
-                               want, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(reference_last_query_scores(q_last, kk, valid), want, atol=1e-5,
+                             rtol=0)
+  got = last_query_scores(jnp.asarray(q_last), kk, jnp.asarray(valid))
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
   # PyramidDrop: layer K's input-norm + q/k + RoPE on its input equals what layer K computes.
   qn, kn = model.layer_query_key(k, h, jnp.asarray(pos))
   _, _, (q2, k2) = run_layers(model, h, jnp.asarray(pos), k, k + 1,
@@ -262,5 +255,21 @@ def test_last_query_scores_match_hf_eager_attention(models):
   np.testing.assert_allclose(np.asarray(qn), np.asarray(q2), atol=1e-6, rtol=0)
   np.testing.assert_allclose(np.asarray(kn), np.asarray(k2), atol=1e-6, rtol=0)
   want_next = attn[k].numpy()[rows, :, last, :].mean(1)
-  got_next = reference_last_query_scores(np.asarray(qn)[rows, last], kn, valid)
-  np.testing.assert_allclose(got_next, want_next, atol=1e-5, rtol=0)
+  got_next = last_query_scores(qn[rows, last], kn, jnp.asarray(valid))
+  np.testing.assert_allclose(np.asarray(got_next), want_next, atol=1e-5, rtol=0)
+
+
+def test_run_layers_rejects_mismatched_inputs(gqa_models):
+  cfg, _, model = gqa_models
+  x = jnp.zeros((2, 5, cfg.hidden_size))
+  pos = jnp.zeros((2, 5), jnp.int32)
+  with pytest.raises(ValueError, match="cache_write_index is required"):
+    model.run_layers(x, pos, cache=model.init_cache(2, 8))
+  with pytest.raises(ValueError, match=r"cache has 3 layers.*need 2"):
+    model.run_layers(x, pos, 1, 3, cache=model.init_cache(2, 8), cache_write_index=0)
+  with pytest.raises(ValueError, match="do not fit"):
+    model.run_layers(x, pos, cache=model.init_cache(2, 4), cache_write_index=0)
+  with pytest.raises(ValueError, match="positions shape"):
+    model.run_layers(x, pos[:, :4])
+  with pytest.raises(ValueError, match=r"layer range \[2, 2\)"):
+    model.run_layers(x, pos, 2, 2)
