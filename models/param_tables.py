@@ -1,7 +1,8 @@
 """Checkpoint-name tables: map a reference (PyTorch/HF) state_dict onto an NNX module's parameters.
 
 A table is data: a tuple of `(pattern, target, transform)` rows.
-- `pattern`: a regex that must match the whole source key (e.g. `model\\.layers\\.(\\d+)\\.mlp\\.up_proj\\.weight`).
+- `pattern`: a regex that must match the whole source key
+  (e.g. `model\\.layers\\.(\\d+)\\.mlp\\.up_proj\\.weight`).
 - `target`: the NNX parameter path as a dotted template with regex back-references
   (e.g. `layers.\\1.mlp.up_proj.kernel`); purely numeric parts become list indices. `None` means the
   key is known and deliberately skipped (e.g. recomputed RoPE buffers).
@@ -64,7 +65,7 @@ def map_key(key: str, table: Table) -> tuple[tuple[str | int, ...], Transform] |
 
 
 def to_numpy(value) -> np.ndarray:
-  """A host float array from a numpy array, a jax array, or a torch tensor (bf16 widened to fp32)."""
+  """A host array from a numpy array, a jax array or a torch tensor (bf16 widened to fp32)."""
   if hasattr(value, "detach"):  # torch.Tensor, without importing torch here
     value = value.detach().cpu()
     if str(value.dtype) == "torch.bfloat16":

@@ -6,7 +6,7 @@ CLIP-normalised (HF processors give [B, 3, H, W]: transpose with (0, 2, 3, 1)).
 
 - `model(pixels, num_layers=None, cls_attention_layer=None) -> CLIPVisionOutput`: the HF
   `hidden_states` tuple (index 0 = `pre_layrnorm(embeddings)`, index i = output of encoder layer
-  i-1), computed only up to `num_layers` layers, and optionally the CLS→patch attention of one layer.
+  i-1), computed only up to `num_layers` layers, and optionally one layer's CLS→patch attention.
 - `model.features(pixels, select_layer=-2) -> (patches [B,N,D], cls_attention [B,N])`: what
   GLaMM/LLaVA feed the projector (`hidden_states[select_layer]`, CLS dropped), and ALTP's default
   score: the attention probabilities of the CLS query over the patch keys in the layer that produced
@@ -152,7 +152,8 @@ class CLIPEncoder(nnx.Module):
 
 
 class CLIPVisionModel(nnx.Module):
-  """CLIP vision transformer (HF `vision_model`): embeddings, pre_layrnorm, encoder, post_layernorm."""
+  """CLIP vision transformer (HF `vision_model`): embeddings, pre_layrnorm, encoder,
+  post_layernorm."""
 
   def __init__(self, config: CLIPVisionConfig, *, rngs: nnx.Rngs):
     self.config = config
@@ -172,7 +173,8 @@ class CLIPVisionModel(nnx.Module):
     if not 0 <= n <= self.config.num_layers:
       raise ValueError(f"num_layers={n} outside [0, {self.config.num_layers}]")
     if cls_attention_layer is not None and not 0 <= cls_attention_layer < n:
-      raise ValueError(f"cls_attention_layer={cls_attention_layer} is not one of the {n} layers run")
+      raise ValueError(f"cls_attention_layer={cls_attention_layer} is not one of the {n} layers "
+                       "run")
     x = self.pre_layrnorm(self.embeddings(pixels))
     hidden, cls_attention = [x], None
     for i in range(n):

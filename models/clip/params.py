@@ -1,7 +1,7 @@
 """HF CLIP vision state_dict names -> `CLIPVisionModel` parameter paths (a table; see
 models/param_tables). Source keys are those of `openai/clip-vit-large-patch14-336`
-(`vision_model.*`), or those of a transformers-5 `CLIPVisionModel` (no prefix); the text tower and the
-projection heads of a full CLIPModel checkpoint are skipped.
+(`vision_model.*`), or those of a transformers-5 `CLIPVisionModel` (no prefix); the text tower
+and the projection heads of a full CLIPModel checkpoint are skipped.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def _dense(cfg: LlamaConfig, d_in: int, d_out: int, names: tuple[str, str], rngs
 
 
 class RMSNorm(nnx.Module):
-  """HF LLaMA RMSNorm: statistics and scaling in fp32, cast back to the input dtype, then × weight."""
+  """HF LLaMA RMSNorm: statistics and scaling in fp32, cast back to the input dtype, × weight."""
 
   def __init__(self, dim: int, eps: float, param_dtype=jnp.float32):
     self.eps = eps
@@ -227,8 +227,9 @@ class LlamaForCausalLM(nnx.Module):
       valid = key_valid
     else:
       if cache.num_layers != end - start or cache.batch != b:
-        raise ValueError(f"run_layers: cache has {cache.num_layers} layers and batch {cache.batch}; "
-                         f"layers [{start},{end}) and batch {b} need {end - start} and {b}")
+        raise ValueError(f"run_layers: cache has {cache.num_layers} layers and batch "
+                         f"{cache.batch}; layers [{start},{end}) and batch {b} need "
+                         f"{end - start} and {b}")
       if cache_write_index is None:
         raise ValueError("run_layers: cache_write_index is required when a cache is given")
       if t > cache.length:

@@ -1,4 +1,5 @@
-"""HF LLaMA state_dict names -> `LlamaForCausalLM` parameter paths (a table; see models/param_tables).
+"""HF LLaMA state_dict names -> `LlamaForCausalLM` parameter paths (a table, see
+models/param_tables).
 
 Covers both `LlamaForCausalLM` checkpoints (`model.` prefix) and GLaMM's checkpoint, whose LLM keys
 are the same (`model.layers.i...`, `lm_head.weight`). Non-LLM GLaMM keys (mm_projector, SAM, ...)
