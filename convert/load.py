@@ -9,6 +9,7 @@ everything is replicated on the first device.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -55,11 +56,12 @@ def restore_into(abstract: nnx.Module, model_dir: str, group_of, *, mesh=None, s
   """
   manifest = read_manifest(model_dir)
   graphdef, state = nnx.split(abstract)
-  if shardings is None:
-    shardings = param_shardings(state, mesh if mesh is not None else default_mesh())
   flat_vars = dict(state.flat_state())
-  flat_sh = {p: (v.get_value() if isinstance(v, nnx.Variable) else v)
-             for p, v in _flat(shardings)}
+  if shardings is None:
+    mesh = mesh if mesh is not None else default_mesh()
+    flat_sh = fit_shardings(flat_vars, _flat(param_shardings(state, mesh)), strict=False)
+  else:
+    flat_sh = fit_shardings(flat_vars, _flat(shardings), strict=True)
 
   by_group: dict[str, dict[tuple, tuple]] = {}
   for path in flat_vars:
@@ -105,6 +107,35 @@ def restore_into(abstract: nnx.Module, model_dir: str, group_of, *, mesh=None, s
   new_state = nnx.State.from_flat_path(
       [(p, var.replace(values[p])) for p, var in flat_vars.items()])
   return nnx.merge(graphdef, new_state)
+
+
+def fit_shardings(flat_vars: dict, flat_shardings, *, strict: bool) -> dict:
+  """Path -> NamedSharding, checking each array dimension divides evenly over its mesh axes.
+
+  With `strict=False` (shardings derived from the logical rules) an indivisible dimension is
+  replicated instead, e.g. GLaMM's vocabulary of 32007 rows on a `tensor` axis of 4, and one
+  warning lists them; with `strict=True` (shardings passed by the caller) it is an error.
+  """
+  out, bad = {}, []
+  for path, v in flat_shardings:
+    sh = v.get_value() if isinstance(v, nnx.Variable) else v
+    shape = tuple(flat_vars[path].shape)
+    spec = list(sh.spec) + [None] * (len(shape) - len(sh.spec))
+    for dim, axes in enumerate(spec):
+      if axes is None:
+        continue
+      n = int(np.prod([sh.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+      if shape[dim] % n:
+        bad.append(f"{path_str(path)} {shape}: dim {dim} ({shape[dim]}) over {axes} ({n} devices)")
+        spec[dim] = None
+    out[path] = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*spec),
+                                           memory_kind=sh.memory_kind)
+  if bad and strict:
+    raise ValueError("shardings do not divide these parameters evenly:\n  " + "\n  ".join(bad))
+  if bad:
+    logging.warning("replicating indivisible dimensions instead of sharding them:\n  %s",
+                    "\n  ".join(bad))
+  return out
 
 
 def _flat(tree):

@@ -430,3 +430,50 @@ def test_existing_output_needs_overwrite(converted, tmp_path):
   assert _convert(converted["glamm"], converted["clip"], out, "--overwrite") == 0
   assert not (out / "old.txt").exists() and (out / "manifest.json").exists()
   assert not glob.glob(str(tmp_path / "out.old-*")) and not glob.glob(str(tmp_path / "out.tmp-*"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces: spilling incomplete groups, index/shard consistency.
+
+def test_writer_spills_interleaved_groups_to_disk_and_restores_them(tmp_path):
+  import orbax.checkpoint as ocp
+  from convert.writer import GroupWriter, nest
+  f32 = np.dtype(np.float32)
+  expected = {("a", i): ((3, 4), f32) for i in range(3)}
+  expected.update({("b", i): ((5,), f32) for i in range(3)})
+  group_of = lambda p: (p[0], p[1:])   # noqa: E731
+  w = GroupWriter(str(tmp_path), expected, group_of, spill_bytes=0)
+  rng = np.random.default_rng(0)
+  values = {p: rng.standard_normal(s).astype(f32) for p, (s, _) in expected.items()}
+  order = [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]   # groups interleaved
+  for p in order[:4]:
+    w.add(p, values[p], str(p))
+  assert w.spilled >= 2 and os.listdir(tmp_path / "_spill")
+  for p in order[4:]:
+    w.add(p, values[p], str(p))
+  w.finish()
+  assert not (tmp_path / "_spill").exists()
+  with ocp.StandardCheckpointer() as c:
+    for g in "ab":
+      got = c.restore(str(tmp_path / "params" / g))
+      for i in range(3):
+        np.testing.assert_array_equal(np.asarray(got[str(i)]), values[(g, i)])
+  manifest = json.loads((tmp_path / "manifest.json").read_text())
+  assert [e["path"] for e in manifest["groups"]["a"]] == ["0", "1", "2"]
+
+
+def test_index_listing_a_key_its_shard_lacks_is_reported(converted, tmp_path):
+  import shutil
+  d = tmp_path / "idx"
+  shutil.copytree(converted["glamm"], d)
+  index = json.loads((d / "pytorch_model.bin.index.json").read_text())
+  index["weight_map"]["model.ghost.weight"] = "pytorch_model-00001-of-00002.bin"
+  index["weight_map"]["lm_head.weight"] = "pytorch_model-00001-of-00002.bin"   # really in shard 2
+  (d / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+  with pytest.raises(CheckpointError) as e:
+    _convert(d, converted["clip"], tmp_path / "out")
+  msg = str(e.value)
+  assert "model.ghost.weight: listed in the index for pytorch_model-00001-of-00002.bin" in msg
+  assert ("lm_head.weight: index says pytorch_model-00001-of-00002.bin, found in "
+          "pytorch_model-00002-of-00002.bin") in msg
+  _assert_no_output(tmp_path, "out")
