@@ -203,17 +203,41 @@ class Checkpoint:
         sd = self._open_bin(file)
         keys = list(sd)
         for k in keys:
+          t = sd.pop(k)
           if want is not None and not want(k):
-            del sd[k]
             continue
           try:
-            arr = torch_to_numpy(sd.pop(k))
+            arr = torch_to_numpy(t)
           except RuntimeError as e:
             raise CheckpointError(f"{file}: cannot read tensor {k!r}: {e}") from e
           yield k, arr
           del arr
+          _drop_pages(t)   # the caller has copied what it needs; give the pages back
+          del t
         del sd
         gc.collect()   # drop the last references to the mapping so its pages leave the RSS
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MADV_DONTNEED = 4
+
+
+def _drop_pages(t) -> None:
+  """Unmaps the resident pages of an mmap-backed tensor (madvise DONTNEED), so reading a shard
+  does not leave the whole file in this process's RSS. The mapping is private and read-only in
+  practice, so a later access would simply fault the same bytes back in from the page cache."""
+  try:
+    import ctypes
+    storage = t.untyped_storage()
+    ptr, n = storage.data_ptr(), storage.nbytes()
+    if not ptr or n < _PAGE:
+      return
+    start = ptr & ~(_PAGE - 1)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(ptr + n - start),
+                 ctypes.c_int(_MADV_DONTNEED))
+  except (OSError, AttributeError):   # not Linux / no libc: only a memory optimisation
+    pass
 
 
 def _safetensors_dtype(name: str) -> str:
