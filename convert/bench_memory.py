@@ -7,9 +7,9 @@
    `save_pretrained` (9.98 GB + 6.78 GB) + `pytorch_model.bin.index.json` + config + tokenizer
    stand-ins, and a CLIP ViT-L/14-336 `pytorch_model.bin` (fp32, `vision_model.*` + text keys).
    Generation is skipped when the files from an earlier run are complete.
-2. Runs `python -m convert glamm ... --dtype bfloat16` in a child process, samples its
-   /proc/PID/status (VmRSS, RssAnon, RssFile, VmHWM) every 0.2 s, and takes the exact peak from
-   `getrusage(RUSAGE_CHILDREN).ru_maxrss` after it exits.
+2. Runs the CLI (`glamm ... --dtype bfloat16`) in a fresh child process, samples its
+   /proc/PID/status (VmRSS, RssAnon, RssFile, VmHWM) every 0.2 s, and records the exact peak: the
+   child's own VmHWM, read just before it exits.
 3. Writes a JSON with the peak, the budget (largest shard + 2 GiB), time, and sizes.
 
 The shard writer produces the format `torch.save` writes (a zip with `data.pkl` + `data/<n>`
@@ -24,7 +24,6 @@ import io
 import json
 import os
 import pickle
-import resource
 import shutil
 import subprocess
 import sys
@@ -192,9 +191,16 @@ def _status(pid: int) -> dict[str, int]:
 
 
 def measure_conversion(glamm_dir: str, clip_dir: str, out_dir: str, interval: float = 0.2) -> dict:
-  """Runs the CLI in a child process; returns its peak memory (exact) and sampled breakdown."""
-  cmd = [sys.executable, "-m", "convert", "glamm", "--glamm", glamm_dir, "--clip", clip_dir,
-         "--out", out_dir, "--dtype", "bfloat16", "--overwrite"]
+  """Runs the CLI in a fresh child process; returns its peak memory and a sampled breakdown.
+
+  The child (`--child`) runs `convert.cli.main` and, just before exiting, writes its own VmHWM:
+  the high-water mark of the conversion process alone (a parent's `ru_maxrss` of children would
+  also count the memory image inherited at fork time).
+  """
+  cli_args = ["glamm", "--glamm", glamm_dir, "--clip", clip_dir, "--out", out_dir,
+              "--dtype", "bfloat16", "--overwrite"]
+  hwm_file = out_dir + ".vmhwm.json"
+  cmd = [sys.executable, "-m", "convert.bench_memory", "--child", hwm_file, "--", *cli_args]
   t0 = time.time()
   proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
   samples = []
@@ -208,14 +214,58 @@ def measure_conversion(glamm_dir: str, clip_dir: str, out_dir: str, interval: fl
     time.sleep(interval)
   seconds = time.time() - t0
   reader.join(timeout=5)
-  peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024   # KiB on Linux
   if proc.returncode != 0:
     raise RuntimeError(f"conversion failed ({proc.returncode}):\n" + "".join(stderr_lines[-30:]))
+  with open(hwm_file) as f:
+    final = json.load(f)
+  os.remove(hwm_file)
   summary = json.loads(stderr_lines[-1]) if stderr_lines else {}
-  return {"command": " ".join(cmd), "seconds": round(seconds, 1), "peak_rss_bytes": peak,
+  return {"command": "python -m convert " + " ".join(cli_args), "seconds": round(seconds, 1),
+          "peak_rss_bytes": final["VmHWM"], "final_status": final,
           "sampled_max": {k: max((s.get(k, 0) for s in samples), default=0)
                           for k in ("VmRSS", "RssAnon", "RssFile", "VmHWM")},
           "samples": samples[:: max(1, len(samples) // 400)], "summary": summary}
+
+
+def _child(hwm_file: str, cli_args: list[str]) -> int:
+  from convert import cli
+  rc = cli.main(cli_args)
+  with open(hwm_file, "w") as f:
+    json.dump(_status(os.getpid()), f)
+  return rc
+
+
+def spot_check(glamm_dir: str, out_dir: str) -> dict[str, bool]:
+  """Exact equality of a few converted arrays with their sources, layouts written out by hand."""
+  import ml_dtypes
+  import orbax.checkpoint as ocp
+  import torch
+  from convert.readers import torch_to_numpy
+  with open(os.path.join(glamm_dir, "pytorch_model.bin.index.json")) as f:
+    weight_map = json.load(f)["weight_map"]
+  checks = {  # source key -> (group, path in group, our layout from the torch array)
+      "model.layers.5.mlp.down_proj.weight": ("llm.layers.5", ("mlp", "down_proj", "kernel"),
+                                              lambda w: w.T),
+      "lm_head.weight": ("llm.lm_head", ("kernel",), lambda w: w.T),
+      "model.grounding_encoder.image_encoder.blocks.7.attn.qkv.bias": (
+          "grounding_encoder.image_encoder.blocks.7", ("attn", "qkv", "bias"),
+          lambda w: w.reshape(3, 16, 80)),
+      "model.grounding_encoder.image_encoder.patch_embed.proj.weight": (
+          "grounding_encoder.image_encoder", ("patch_embed", "kernel"),
+          lambda w: w.transpose(2, 3, 1, 0)),
+  }
+  out = {}
+  with ocp.StandardCheckpointer() as ckptr:
+    for key, (group, rel, layout) in checks.items():
+      sd = torch.load(os.path.join(glamm_dir, weight_map[key]), map_location="cpu",
+                      weights_only=True, mmap=True)
+      want = layout(torch_to_numpy(sd[key])).astype(ml_dtypes.bfloat16)
+      del sd
+      got = ckptr.restore(os.path.join(out_dir, "params", group))
+      for p in rel:
+        got = got[p]
+      out[key] = bool(np.array_equal(np.asarray(got), want))
+  return out
 
 
 def _dir_bytes(d: str) -> int:
@@ -223,6 +273,9 @@ def _dir_bytes(d: str) -> int:
 
 
 def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["--child"]:   # internal: the measured conversion process
+    return _child(argv[1], argv[3:])
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", required=True, help="scratch directory (~35 GB free)")
   p.add_argument("--out", default=None, help="result JSON (default: WORKDIR/bench_memory.json)")
@@ -245,6 +298,7 @@ def main(argv=None) -> int:
       "output_bytes": _dir_bytes(out_dir), "generation_seconds": round(gen_seconds, 1),
       "cpu_count": os.cpu_count(), "mem_total_bytes": os.sysconf("SC_PHYS_PAGES") * os.sysconf(
           "SC_PAGE_SIZE")})
+  result["spot_check_equal"] = spot_check(glamm_dir, out_dir)
   if not args.keep:
     shutil.rmtree(out_dir, ignore_errors=True)
   path = args.out or os.path.join(args.workdir, "bench_memory.json")

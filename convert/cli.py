@@ -45,13 +45,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _read_json(path: str) -> dict:
+  from convert.readers import CheckpointError
   try:
     with open(path) as f:
       return json.load(f)
   except FileNotFoundError:
-    raise SystemExit(f"error: {path} not found") from None
+    raise CheckpointError(f"{path} not found") from None
   except ValueError as e:
-    raise SystemExit(f"error: {path} is not valid JSON: {e}") from None
+    raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
 def convert_glamm(glamm_dir: str, clip_dir: str, out_dir: str, dtype: str = "bfloat16",
