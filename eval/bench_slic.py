@@ -1,5 +1,8 @@
 """Speed of the device SLIC (per image, batch 1..256) against the host SLIC (skimage).
 
+Also times the device connectivity pass alone (`connectivity_device.enforce_connectivity_device`
+on device SLIC labels) and the full image -> keep-indices program with and without it.
+
 Runs everything in one process on the default JAX backend and writes `slic_bench.json` to
 `--out`. On a GPU machine:
 
@@ -25,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from altp_jax import altp, pipeline, slic_device, superpixels
+from altp_jax import altp, connectivity_device, pipeline, slic_device, superpixels
 from eval import slic_photos
 
 
@@ -67,7 +70,8 @@ def main(argv=None):
       "backend": jax.default_backend(), "device_kind": dev.device_kind,
       "num_devices": jax.device_count(), "jax": jax.__version__, "host": platform.node(),
       "cpu_count": os.cpu_count(), "size": args.size, "iterations": args.iterations,
-      "reps": args.reps, "device_slic": [], "host_slic": [], "pipeline": [],
+      "reps": args.reps, "device_slic": [], "host_slic": [], "connectivity": [],
+      "pipeline": [],
   }
 
   for n_seg in _ints(args.n_segments):
@@ -95,6 +99,18 @@ def main(argv=None):
                "ms_per_image_median": 1e3 * med / b, "ms_per_image_best": 1e3 * best / b}
         result["device_slic"].append(row)
         print("device", row, flush=True)
+        if radius == max(_ints(args.radii)):
+          # The connectivity pass alone, on this batch's device SLIC labels.
+          labels = jax.block_until_ready(fn(x))
+          g = slic_device.num_centres(args.size, args.size, n_seg)
+          conn = jax.jit(lambda l, g=g: connectivity_device.enforce_connectivity_device(
+              l, num_centres=g))
+          compile_s, med, best = _time(conn, labels, reps=args.reps)
+          row = {"n_segments": n_seg, "num_centres": g, "batch": b, "compile_s": compile_s,
+                 "ms_per_batch_median": 1e3 * med, "ms_per_image_median": 1e3 * med / b,
+                 "ms_per_image_best": 1e3 * best / b}
+          result["connectivity"].append(row)
+          print("connectivity", row, flush=True)
 
   if args.pipeline_batch:
     b, k, grid = args.pipeline_batch, 58, (24, 24)
@@ -102,12 +118,14 @@ def main(argv=None):
     batch = np.stack([photos[i % len(photos)] for i in range(b)])
     x = jax.device_put(jnp.asarray(batch))
     scores = jax.device_put(jax.random.uniform(jax.random.key(0), (b, grid[0] * grid[1])))
-    for radius in _ints(args.radii):
-      fn = jax.jit(lambda x, s, radius=radius: pipeline.device_keep_indices(
-          x, s, k=k, grid=grid, config=cfg, radius=radius))
+    for radius, connectivity in [(r, c) for r in _ints(args.radii) for c in (False, True)]:
+      fn = jax.jit(lambda x, s, radius=radius, connectivity=connectivity:
+                   pipeline.device_keep_indices(x, s, k=k, grid=grid, config=cfg, radius=radius,
+                                                connectivity=connectivity))
       compile_s, med, best = _time(fn, x, scores, reps=args.reps)
-      row = {"what": "device_keep_indices (SLIC + token labels + altp_select)", "k": k,
-             "n_segments": cfg.n_segments(k), "radius": radius, "batch": b,
+      row = {"what": "device_keep_indices (SLIC [+ connectivity] + token labels + altp_select)",
+             "k": k, "n_segments": cfg.n_segments(k), "radius": radius,
+             "connectivity": connectivity, "batch": b,
              "compile_s": compile_s, "ms_per_batch_median": 1e3 * med,
              "ms_per_image_median": 1e3 * med / b}
       result["pipeline"].append(row)

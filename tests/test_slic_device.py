@@ -8,7 +8,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import ndimage
 from skimage import color, data, measure, segmentation, transform, util
 
-from altp_jax import altp, connectivity, pipeline, slic_device, superpixels
+from altp_jax import altp, connectivity, connectivity_device, pipeline, slic_device, superpixels
 from eval import superpixel_metrics as metrics
 
 
@@ -191,11 +191,22 @@ def test_pipeline_device_is_the_composition_of_its_parts():
   keep = np.asarray(keep)
   assert all(len(set(r)) == k and (np.diff(r) > 0).all() for r in keep)
   n_seg = cfg.n_segments(k)
-  g_max = slic_device.num_centres(size, size, n_seg)
-  labels = slic_device.slic(jnp.asarray(images), n_segments=n_seg)
+  g_slic = slic_device.num_centres(size, size, n_seg)
+  # Defaults: radius 2, then the device connectivity pass.
+  labels = connectivity_device.enforce_connectivity_device(
+      slic_device.slic(jnp.asarray(images), n_segments=n_seg, radius=2), num_centres=g_slic)
+  g_max = connectivity_device.num_connected_segments(size, size, g_slic)
+  assert pipeline.device_num_segments(size, size, n_seg) == g_max
   tok = superpixels.token_labels(labels, grid, g_max)
   want = altp.altp_select(scores, tok, k, config=cfg, num_segments=g_max)
   np.testing.assert_array_equal(keep, np.asarray(want))
+  # Without the pass, radius 1: SLIC ids straight into the selection.
+  keep1 = pipeline.keep_indices(images, scores, k=k, grid=grid, config=cfg, radius=1,
+                                connectivity=False)
+  labels1 = slic_device.slic(jnp.asarray(images), n_segments=n_seg, radius=1)
+  want1 = altp.altp_select(scores, superpixels.token_labels(labels1, grid, g_slic), k, config=cfg,
+                           num_segments=g_slic)
+  np.testing.assert_array_equal(np.asarray(keep1), np.asarray(want1))
   # Host superpixels through the same front door give a valid selection too.
   host = np.asarray(pipeline.keep_indices(images, scores, k=k, grid=grid, config=cfg,
                                           superpixels="host"))
