@@ -68,9 +68,12 @@ def prediction_record(image_file: str, caption: str, phrases: Sequence[str],
 
 
 def write_prediction(output_dir: str, record: dict) -> str:
-  """Writes `{output_dir}/{image_id}.json`; returns the path."""
+  """Writes `{output_dir}/{image_id}.json` atomically (a temporary file, then a rename, so an
+  interrupted run never leaves a truncated prediction behind); returns the path."""
   os.makedirs(output_dir, exist_ok=True)
   path = os.path.join(output_dir, f"{record['image_id']}.json")
-  with open(path, "w") as f:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
     json.dump(record, f)
+  os.replace(tmp, path)
   return path
