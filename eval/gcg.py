@@ -246,3 +246,8 @@ def masks_to_original(low_res: np.ndarray, resized_hw: tuple[int, int],
   x = _resize_axis_np(x, original_hw[1], 2)
   x = _resize_axis_np(x, original_hw[0], 1)
   return x > 0.0
+
+
+if __name__ == "__main__":
+  from eval import run_gcg
+  run_gcg.main()

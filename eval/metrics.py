@@ -232,11 +232,10 @@ def evaluate_gcg(pred_dir_or_records, gt_caption_json, gt_mask_json,
 
   pred_dir_or_records: prediction directory, {image_id: record} or a list of records.
   gt_caption_json / gt_mask_json: paths (or already-parsed dicts) of the GranD-f GT files.
-  embedder: str -> float32 [D] sentence vector for the recall (see `text_embedder`); required.
+  embedder: str -> float32 [D] sentence vector for the recall (see `text_embedder`). Without
+    one, "recall" is None and "recall_unavailable" gives the reason (never a silent 0).
   meteor: an optional shared `Meteor()` instance.
   """
-  if embedder is None:
-    raise ValueError(MISSING_EMBEDDER_MESSAGE)
   coco_cap_gt = grandf.load_caption_gt(gt_caption_json)
   coco_mask_gt = grandf.load_mask_gt(gt_mask_json)
   image_ids = [img["id"] for img in coco_cap_gt.dataset["images"]]
@@ -248,8 +247,12 @@ def evaluate_gcg(pred_dir_or_records, gt_caption_json, gt_mask_json,
   coco_dt = _load_res(coco_mask_gt, detections) if detections else _empty_res(coco_mask_gt)
   coco_cap_dt = _load_res(coco_cap_gt, captions)
   results["mIoU"] = mean_iou(coco_mask_gt, coco_dt, image_ids)
-  results["recall"] = grounding_recall(coco_mask_gt, coco_cap_gt, coco_dt, coco_cap_dt, image_ids,
-                                       embedder, iou_threshold, text_sim_threshold)
+  if embedder is None:
+    results["recall"] = None
+    results["recall_unavailable"] = MISSING_EMBEDDER_MESSAGE
+  else:
+    results["recall"] = grounding_recall(coco_mask_gt, coco_cap_gt, coco_dt, coco_cap_dt,
+                                         image_ids, embedder, iou_threshold, text_sim_threshold)
   if verbose:
-    print(" ".join(f"{k}: {v:.3f}" for k, v in results.items()))
+    print(" ".join(f"{k}: {v:.3f}" for k, v in results.items() if isinstance(v, float)))
   return results

@@ -1,13 +1,16 @@
 """GCG evaluation of a converted GLaMM checkpoint on a folder of images, with pruning.
 
-    python -m eval.run_gcg --ckpt CONVERTED_DIR --images GranDf/val_test_images --out OUT \
-        [--prune altp --keep-ratio 0.1 --superpixels host] [--gt-dir GranDf/annotations/val_test \
-        --split val --bert-dir bert-base-uncased]
+    python -m eval.gcg --checkpoint CONVERTED_DIR --images GranDf/val_test_images \
+        --annotations GranDf/annotations/val_test --split val --bert bert-base-uncased \
+        --prune altp --keep-ratio 0.1 --batch-size 8 --out OUT
+
+    python -m eval.gcg --out out/gcg      # the embedded default: no download needed
 
 Writes one GLaMM prediction JSON per image to `OUT/predictions/` (atomically; a rerun skips
 images already done, so an interrupted job resumes without redoing or losing work), a run record
 `OUT/run.json` (options, throughput), and with `--gt-dir` the five GCG metrics to
-`OUT/metrics_{split}.json`. With several JAX processes (`jax.distributed`), each process takes
+`OUT/metrics_{split}.json` plus a summary table. Without `--bert`, recall is reported as
+unavailable (with the reason), never as 0. With several JAX processes (`jax.distributed`), each process takes
 every `num_processes`-th pending image; the prediction files are the shared result, so a restart
 with a different number of hosts continues where the last one stopped.
 """
@@ -64,8 +67,28 @@ def _host_inputs(path, config, options, tokenizer_n):
   return clip, sam, resized, image.shape[:2], labels, images01
 
 
+def _save_picture(image_path, masks, caption, path):
+  """The image with each predicted mask tinted in its own colour and the caption underneath."""
+  from PIL import Image, ImageDraw
+  from eval import preprocess
+
+  img = preprocess.load_image(image_path).astype(np.float32)
+  colours = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48],
+                      [145, 30, 180], [70, 240, 240]], np.float32)
+  for j, m in enumerate(masks):
+    img[m] = 0.45 * img[m] + 0.55 * colours[j % len(colours)]
+  pic = Image.fromarray(img.astype(np.uint8))
+  canvas = Image.new("RGB", (pic.width, pic.height + 28), (0, 0, 0))
+  canvas.paste(pic, (0, 0))
+  ImageDraw.Draw(canvas).text((4, pic.height + 8), caption[:120], fill=(255, 255, 255))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  canvas.save(path + ".tmp.png")
+  os.replace(path + ".tmp.png", path)
+  return path
+
+
 def run(model, tokenizer, image_dir, out_dir, options: gcg.GCGOptions, batch_size=1, limit=None,
-        progress=True):
+        progress=True, max_pictures=4):
   """GCG over every pending image of `image_dir`; returns the run record."""
   from tqdm import tqdm
   from eval import gcg_output, prompt as prompt_lib
@@ -86,16 +109,21 @@ def run(model, tokenizer, image_dir, out_dir, options: gcg.GCGOptions, batch_siz
   valid = np.broadcast_to(prompt.valid, ids.shape)
   vis = np.broadcast_to(prompt.visual_mask, ids.shape)
   done, t_start, dropped_segs = 0, time.perf_counter(), 0
+  stage = dict(host_preprocess=0.0, device=0.0, postprocess_and_write=0.0)
+  pictures = []
   bar = tqdm(total=len(todo), desc="GCG", unit="img", disable=not progress)
   for start in range(0, len(todo), b):
     chunk = todo[start:start + b]
+    t0 = time.perf_counter()
     items = [_host_inputs(os.path.join(image_dir, f), cfg, options, n) for f in chunk]
     items += [items[-1]] * (b - len(items))           # pad the last batch (outputs discarded)
     clip, sam, resized, orig, labels, images01 = zip(*items)
+    t1 = time.perf_counter()
     out = runner.run_batch(ids, valid, vis, np.stack(clip), np.stack(sam),
                            None if labels[0] is None else np.stack(labels),
                            np.stack(images01) if options.prune.method == "altp" else None)
-    out = jax.device_get(out)
+    out = jax.device_get(out)            # the first batch also pays the compilation
+    t2 = time.perf_counter()
     for i, fname in enumerate(chunk):
       gen_ids = out["tokens"][i, : out["lengths"][i]].tolist()
       caption, phrases = gcg_output.decode_gcg_output(list(unexpanded) + gen_ids, tokenizer)
@@ -105,13 +133,20 @@ def run(model, tokenizer, image_dir, out_dir, options: gcg.GCGOptions, batch_siz
       dropped_segs += int(out["num_segs"][i]) - int(keep.sum())
       gcg_output.write_prediction(pred_dir, gcg_output.prediction_record(
           fname, caption, phrases, masks))
+      if len(pictures) < max_pictures:
+        pictures.append(_save_picture(os.path.join(image_dir, fname), masks, caption,
+                                      os.path.join(out_dir, "pictures", f"{fname[:-4]}.png")))
+    stage["host_preprocess"] += t1 - t0
+    stage["device"] += t2 - t1
+    stage["postprocess_and_write"] += time.perf_counter() - t2
     done += len(chunk)
     bar.update(len(chunk))
   bar.close()
   elapsed = time.perf_counter() - t_start
   record = dict(images_done=done, images_total=len(names), seconds=elapsed,
                 images_per_second=done / elapsed if done else 0.0, batch_size=b,
-                segs_beyond_max_segs=dropped_segs, options=repr(options),
+                segs_beyond_max_segs=dropped_segs, seconds_per_stage=stage, pictures=pictures,
+                options=repr(options),
                 device=str(jax.devices()[0]), process_index=jax.process_index(),
                 process_count=jax.process_count())
   _write_json(os.path.join(out_dir, f"run.{jax.process_index()}.json"), record)
@@ -126,10 +161,18 @@ def _write_json(path, obj):
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(prog="python -m eval.run_gcg", description=__doc__.split("\n")[0])
-  p.add_argument("--ckpt", required=True, help="directory written by `python -m convert glamm`")
-  p.add_argument("--images", required=True, help="folder of images (GranDf val_test images)")
-  p.add_argument("--out", required=True, help="output folder (predictions/, run, metrics)")
+  p = argparse.ArgumentParser(prog="python -m eval.gcg", description=__doc__.split("\n")[0])
+  p.add_argument("--checkpoint", "--ckpt", default=None,
+                 help="directory written by `python -m convert glamm`; without it, the embedded "
+                      "default (a tiny random-weight GLaMM on our scikit-image sample) runs")
+  p.add_argument("--images", default=None, help="folder of images (GranDf val_test images)")
+  p.add_argument("--annotations", "--gt-dir", default=None,
+                 help="GranDf annotations folder ({split}_gcg_coco_{caption,mask}_gt.json)")
+  p.add_argument("--split", default="val", choices=("val", "test"))
+  p.add_argument("--bert", "--bert-dir", default=None,
+                 help="local bert-base-uncased directory for grounding recall (without it recall "
+                      "is reported as unavailable)")
+  p.add_argument("--out", default="out/gcg", help="output folder (predictions/, run, metrics)")
   p.add_argument("--prune", default="none", choices=gcg.METHODS)
   p.add_argument("--keep-ratio", type=float, default=1.0,
                  help="fraction of the visual tokens kept (0.1 = 90%% reduction)")
@@ -142,24 +185,45 @@ def parse_args(argv=None):
   p.add_argument("--max-new-tokens", type=int, default=512)
   p.add_argument("--max-segs", type=int, default=16, help="masks decoded per image at most")
   p.add_argument("--limit", type=int, default=None, help="process at most this many images")
-  p.add_argument("--gt-dir", default=None, help="GranDf annotations folder: evaluate after")
-  p.add_argument("--split", default="val", choices=("val", "test"))
-  p.add_argument("--bert-dir", default=None, help="local bert-base-uncased (grounding recall)")
   p.add_argument("--no-progress", action="store_true")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.checkpoint and not args.images:
+    p.error("--checkpoint needs --images (the folder of images to caption)")
+  return args
+
+
+def summary_table(metrics: dict, record: dict) -> str:
+  """A small markdown table of the five GCG numbers and the throughput."""
+  def fmt(v):
+    return "unavailable" if v is None else f"{v:.3f}"
+  rows = [("METEOR", metrics.get("METEOR")), ("CIDEr", metrics.get("CIDEr")),
+          ("AP50", metrics.get("AP50")), ("mIoU", metrics.get("mIoU")),
+          ("recall", metrics.get("recall"))]
+  lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {fmt(v)} |" for k, v in rows]
+  lines.append(f"| images/s | {record['images_per_second']:.2f} |")
+  return "\n".join(lines)
 
 
 def main(argv=None):
   import altp_jax
-  from convert import load_glamm
   from eval.tokenizer import load_tokenizer, seg_token_id
 
   args = parse_args(argv)
-  if args.gt_dir and not args.bert_dir:
-    raise SystemExit("--gt-dir needs --bert-dir: grounding recall compares phrases with BERT "
-                     "(bert-base-uncased, a local directory)")
-  tokenizer = load_tokenizer(args.ckpt)
-  model = load_glamm(args.ckpt)
+  if args.checkpoint:
+    from convert import load_glamm
+    tokenizer = load_tokenizer(args.checkpoint)
+    model = load_glamm(args.checkpoint)
+    images, annotations = args.images, args.annotations
+  else:
+    from eval import embedded_sample
+    print("No --checkpoint: running the embedded default (tiny random-weight GLaMM on four "
+          "scikit-image photos with our captions and masks). Its captions and masks are noise; "
+          "it shows the pipeline end to end, not GLaMM's quality.")
+    sample_dir = os.path.join(args.out, "embedded_sample")
+    images, annotations = embedded_sample.write_sample(sample_dir)
+    model, tokenizer = embedded_sample.tiny_model_and_tokenizer(sample_dir)
+    if args.max_new_tokens == 512:
+      args.max_new_tokens = 32
   options = gcg.GCGOptions(
       prune=gcg.PruneConfig(method=args.prune, keep_ratio=args.keep_ratio,
                             altp=altp_jax.ALTPConfig(density=args.density),
@@ -169,18 +233,22 @@ def main(argv=None):
                                 pad_id=tokenizer.pad_id or 0),
       seg_id=seg_token_id(tokenizer), max_segs=args.max_segs,
       grid=(model.config.vision.grid,) * 2)
-  record = run(model, tokenizer, args.images, args.out, options, args.batch_size, args.limit,
+  record = run(model, tokenizer, images, args.out, options, args.batch_size, args.limit,
                progress=not args.no_progress)
-  print(json.dumps(record, indent=2))
-  if args.gt_dir and jax.process_index() == 0:
+  print(json.dumps({k: v for k, v in record.items() if k != "options"}, indent=2))
+  if annotations and jax.process_index() == 0:
     from eval import grandf, metrics
-    from eval.text_embedder import BertMeanEmbedder
-
-    caption_gt, mask_gt = grandf.gt_paths(args.gt_dir, args.split)
+    embedder = None
+    if args.bert:
+      from eval.text_embedder import BertMeanEmbedder
+      embedder = BertMeanEmbedder(args.bert)
+    caption_gt, mask_gt = grandf.gt_paths(annotations, args.split)
     results = metrics.evaluate_gcg(os.path.join(args.out, "predictions"), caption_gt, mask_gt,
-                                   BertMeanEmbedder(args.bert_dir))
+                                   embedder)
     _write_json(os.path.join(args.out, f"metrics_{args.split}.json"), results)
-    print(json.dumps(results, indent=2))
+    print(summary_table(results, record))
+    return results
+  return record
 
 
 if __name__ == "__main__":

@@ -293,8 +293,9 @@ def test_prediction_loading_layouts_and_errors(tmp_path, embedder):
   loaded = grandf.load_predictions(bad, ids)
   with pytest.raises(ValueError, match=r"mask 0 of 'sa_c' has size \[21, 25\]"):
     grandf.coco_predictions(loaded, ids, grandf.load_mask_gt(mask_gt))
-  with pytest.raises(ValueError, match="local"):
-    metrics.evaluate_gcg(records, cap_gt, mask_gt, embedder=None)
+  no_recall = metrics.evaluate_gcg(records, cap_gt, mask_gt, embedder=None)
+  assert no_recall["recall"] is None and "local" in no_recall["recall_unavailable"]
+  assert no_recall["mIoU"] == 1.0
   broken = copy.deepcopy(mask_gt)
   del broken["annotations"][0]["iscrowd"]
   with pytest.raises(ValueError, match="iscrowd"):
