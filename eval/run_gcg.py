@@ -186,6 +186,7 @@ def parse_args(argv=None):
   p.add_argument("--max-segs", type=int, default=16, help="masks decoded per image at most")
   p.add_argument("--limit", type=int, default=None, help="process at most this many images")
   p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--skip-eval", action="store_true", help="write predictions only")
   args = p.parse_args(argv)
   if args.checkpoint and not args.images:
     p.error("--checkpoint needs --images (the folder of images to caption)")
@@ -236,7 +237,7 @@ def main(argv=None):
   record = run(model, tokenizer, images, args.out, options, args.batch_size, args.limit,
                progress=not args.no_progress)
   print(json.dumps({k: v for k, v in record.items() if k != "options"}, indent=2))
-  if annotations and jax.process_index() == 0:
+  if annotations and not args.skip_eval and jax.process_index() == 0:
     from eval import grandf, metrics
     embedder = None
     if args.bert:

@@ -157,3 +157,37 @@ def test_prune_config_errors():
   assert gcg.PruneConfig(method="altp", keep_ratio=0.1).kept(576) == 58
   plan = gcg.PruneConfig(method="pdrop", keep_ratio=0.1).plan(32, 576)
   assert plan.average_visual_retention() == pytest.approx(0.1, abs=0.01)
+
+
+def test_cli_killed_mid_run_loses_nothing(tmp_path):
+  """SIGKILL the CLI after its first prediction; every file left is whole, and a rerun finishes
+  the rest without touching what was done."""
+  import json
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  out = str(tmp_path / "gcg")
+  pred = os.path.join(out, "predictions")
+  cmd = [sys.executable, "-m", "eval.gcg", "--out", out, "--no-progress", "--skip-eval",
+         "--max-new-tokens", "4"]
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(pred) and any(f.endswith(".json") for f in os.listdir(pred)):
+      proc.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.05)
+  proc.wait(timeout=60)
+  first = {f: os.path.getmtime(os.path.join(pred, f)) for f in os.listdir(pred)
+           if f.endswith(".json")}
+  assert first, proc.stderr.read().decode()[-2000:]
+  for f in first:                                   # atomic writes: no truncated JSON
+    json.load(open(os.path.join(pred, f)))
+  subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+  final = sorted(f for f in os.listdir(pred) if f.endswith(".json"))
+  assert final == ["sk_astronaut.json", "sk_camera.json", "sk_coins.json", "sk_horse.json"]
+  assert all(os.path.getmtime(os.path.join(pred, f)) == t for f, t in first.items())
+  assert not [f for f in os.listdir(pred) if ".tmp" in f]
