@@ -86,28 +86,32 @@ def _put(inputs, mesh, put):
   return {k: put(v, INPUT_NAMES[k], mesh) for k, v in inputs.items()}
 
 
-def _jit_model(fn, model):
-  """jax.jit of fn(model, *args) with the model's state as an argument (not a constant)."""
-  graphdef, state = nnx.split(model)
+@functools.lru_cache(maxsize=None)
+def _compiled(fn, graphdef, mesh, **jit_kwargs):
+  """jax.jit of fn(model, *args) taking the model's state as an argument; one per (program,
+  model structure, mesh), so repeated calls (decode steps, batches) reuse the compilation."""
+  return jax.jit(lambda state, *args: fn(nnx.merge(graphdef, state), mesh, *args), **jit_kwargs)
 
-  @jax.jit
-  def run(state, *args):
-    return fn(nnx.merge(graphdef, state), *args)
-  return functools.partial(run, state)
+
+def _jit_model(fn, model, mesh, **jit_kwargs):
+  graphdef, state = nnx.split(model)
+  return functools.partial(_compiled(fn, graphdef, mesh, **jit_kwargs), state)
 
 
 def clip_and_forward(model, inputs, mesh, put=put_global):
   """encode_image + splice + uncached LLM pass: visual tokens, CLS attention, logits, hidden."""
   x = _put(inputs, mesh, put)
-
-  def fn(m, ids, vmask, pixels):
-    visual, cls_att = m.encode_image(pixels)
-    logits, hidden = m.forward(ids, vmask, pixels)
-    hidden = mesh_lib.constrain(hidden, mesh_lib.ACT_HIDDEN, mesh)
-    return {"visual": visual, "cls_attention": cls_att, "logits": logits, "hidden": hidden,
-            "tokens": jnp.argmax(logits, axis=-1)}
-  out = _jit_model(fn, model)(x["input_ids"], x["visual_mask"], x["clip_pixels"])
+  out = _jit_model(_clip_and_forward, model, mesh)(x["input_ids"], x["visual_mask"],
+                                                   x["clip_pixels"])
   return {k: to_host(v) for k, v in out.items()}
+
+
+def _clip_and_forward(m, mesh, ids, vmask, pixels):
+  visual, cls_att = m.encode_image(pixels)
+  logits, hidden = m.forward(ids, vmask, pixels)
+  hidden = mesh_lib.constrain(hidden, mesh_lib.ACT_HIDDEN, mesh)
+  return {"visual": visual, "cls_attention": cls_att, "logits": logits, "hidden": hidden,
+          "tokens": jnp.argmax(logits, axis=-1)}
 
 
 def sam_masks(model, inputs, mesh, put=put_global):
@@ -115,14 +119,16 @@ def sam_masks(model, inputs, mesh, put=put_global):
   x = _put(inputs, mesh, put)
   size = model.config.sam.image_encoder.img_size
   original = (size - 10, size - 20)
-
-  def fn(m, pixels, seg):
-    emb = mesh_lib.constrain(m.sam_embed(pixels), mesh_lib.ACT_SAM_EMBED, mesh)
-    low = m.decode_masks(seg, emb)
-    logits = m.postprocess_masks(low, original, original)
-    return {"sam_embedding": emb, "mask_logits": logits, "masks": logits > 0}
-  out = _jit_model(fn, model)(x["sam_pixels"], x["seg_hidden"])
+  out = _jit_model(functools.partial(_sam_masks, original=original), model, mesh)(
+      x["sam_pixels"], x["seg_hidden"])
   return {k: to_host(v) for k, v in out.items()}
+
+
+def _sam_masks(m, mesh, pixels, seg, original):
+  emb = mesh_lib.constrain(m.sam_embed(pixels), mesh_lib.ACT_SAM_EMBED, mesh)
+  low = m.decode_masks(seg, emb)
+  logits = m.postprocess_masks(low, original, original)
+  return {"sam_embedding": emb, "mask_logits": logits, "masks": logits > 0}
 
 
 def prefill_decode(model, inputs, mesh, put=put_global):
@@ -135,32 +141,33 @@ def prefill_decode(model, inputs, mesh, put=put_global):
   if mesh is not None:
     cache = mesh_lib.shard_cache(cache, mesh)
 
-  def prefill(m, ids, vmask, pixels, cache):
-    visual, _ = m.encode_image(pixels)
-    embeds = mesh_lib.constrain(m.splice(ids, visual, vmask), mesh_lib.ACT_HIDDEN, mesh)
-    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-    hidden, cache = m.llm(embeds, positions, cache=cache, cache_write_index=0)
-    cache = mesh_lib.constrain_cache(cache, mesh)
-    return jnp.argmax(m.llm.logits(hidden[:, -1:]), axis=-1), hidden[:, -1], cache
-
-  def step(m, token, index, cache):
-    embeds = mesh_lib.constrain(m.llm.embed(token), mesh_lib.ACT_HIDDEN, mesh)
-    positions = jnp.broadcast_to(index, token.shape)
-    hidden, cache = m.llm(embeds, positions, cache=cache, cache_write_index=index)
-    cache = mesh_lib.constrain_cache(cache, mesh)
-    return jnp.argmax(m.llm.logits(hidden), axis=-1), hidden[:, -1], cache
-
-  graphdef, state = nnx.split(model)
-  prefill_jit = jax.jit(lambda s, *a: prefill(nnx.merge(graphdef, s), *a))
-  step_jit = jax.jit(lambda s, *a: step(nnx.merge(graphdef, s), *a), donate_argnums=(3,))
-  token, hidden, cache = prefill_jit(state, ids, vmask, x["clip_pixels"], cache)
+  prefill_jit = _jit_model(_prefill, model, mesh)
+  step_jit = _jit_model(_step, model, mesh, donate_argnums=(3,))   # (state, token, index, cache)
+  token, hidden, cache = prefill_jit(ids, vmask, x["clip_pixels"], cache)
   tokens = [token]
   for i in range(DECODE_STEPS):
-    token, hidden, cache = step_jit(state, token, jnp.int32(length + i), cache)
+    token, hidden, cache = step_jit(token, jnp.int32(length + i), cache)
     tokens.append(token)
   return {"tokens": to_host(jnp.concatenate(tokens, axis=1)), "last_hidden": to_host(hidden),
           "cache_k0": to_host(cache.k[0]), "cache_valid": to_host(cache.valid),
           "_cache": cache}
+
+
+def _prefill(m, mesh, ids, vmask, pixels, cache):
+  visual, _ = m.encode_image(pixels)
+  embeds = mesh_lib.constrain(m.splice(ids, visual, vmask), mesh_lib.ACT_HIDDEN, mesh)
+  positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+  hidden, cache = m.llm(embeds, positions, cache=cache, cache_write_index=0)
+  cache = mesh_lib.constrain_cache(cache, mesh)
+  return jnp.argmax(m.llm.logits(hidden[:, -1:]), axis=-1), hidden[:, -1], cache
+
+
+def _step(m, mesh, token, index, cache):
+  embeds = mesh_lib.constrain(m.llm.embed(token), mesh_lib.ACT_HIDDEN, mesh)
+  positions = jnp.broadcast_to(index, token.shape)
+  hidden, cache = m.llm(embeds, positions, cache=cache, cache_write_index=index)
+  cache = mesh_lib.constrain_cache(cache, mesh)
+  return jnp.argmax(m.llm.logits(hidden), axis=-1), hidden[:, -1], cache
 
 
 PROGRAMS = {
@@ -170,3 +177,48 @@ PROGRAMS = {
 }
 
 EXACT = ("tokens", "masks", "cache_valid")   # compared for equality; the rest with a tolerance
+
+
+# -- a GCG-shaped evaluation loop over hosts (eval.multihost) ---------------------------------------
+
+def image_inputs(config: GLaMMConfig, image_index: int) -> dict[str, np.ndarray]:
+  """The inputs of one 'image' (row `image_index % BATCH` of a seeded batch)."""
+  bank = make_inputs(config, seed=100 + image_index // BATCH)
+  return {k: v[image_index % BATCH] for k, v in bank.items()}
+
+
+def eval_loop(model, names, pred_dir, mesh, max_steps=None):
+  """Greedy-decode every pending image of `names` (ids like "img07") in lockstep global batches
+  of BATCH; each process loads only its rows; process 0 writes one prediction file per image."""
+  from eval import multihost
+  from models.placement import from_process_local
+
+  rows = multihost.process_rows(mesh, BATCH)
+  put = lambda v, names_, m: from_process_local(v[rows], names_, m, global_rows=BATCH)
+  steps = multihost.schedule(multihost.pending(names, pred_dir), BATCH)
+  for batch in steps[:max_steps]:
+    real = [n for n in batch if n is not None]
+    items = [image_inputs(model.config, int((n or real[-1])[3:])) for n in batch]
+    inputs = {k: np.stack([it[k] for it in items]) for k in items[0]}
+    out = prefill_decode(model, inputs, mesh, put=put)
+    multihost.write_predictions(pred_dir, {
+        n: {"image_id": n, "tokens": out["tokens"][i].tolist(),
+            "process_count": jax.process_count()} for i, n in enumerate(real)})
+
+
+def write_checkpoint(model, out: str) -> dict:
+  """`model` as a converted checkpoint directory (the converter's writer, one Orbax checkpoint
+  per group, config.json); returns path -> numpy value."""
+  import json
+  import os
+  from convert.glamm_table import group_of
+  from convert.writer import GroupWriter
+
+  flat = {p: np.asarray(v.get_value()) for p, v in nnx.state(model).flat_state()}
+  writer = GroupWriter(out, {p: (a.shape, a.dtype) for p, a in flat.items()}, group_of)
+  for path, array in flat.items():
+    writer.add(path, array, source_key=".".join(map(str, path)))
+  writer.finish({"sources": ["tests/_sharded_programs.tiny_model"]})
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(model.config.to_dict(), f)
+  return flat

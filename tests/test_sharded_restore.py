@@ -9,9 +9,7 @@ the plan: one read per distinct shard, each the planned block, and exactly one d
 device -- so the whole restore moves exactly the bytes the devices end up holding.
 """
 
-import json
 import math
-import os
 
 import jax
 import numpy as np
@@ -20,8 +18,6 @@ from flax import nnx
 from orbax.checkpoint._src.serialization import serialization as ocp_serialization
 
 import convert
-from convert.glamm_table import group_of
-from convert.writer import GroupWriter
 from models import mesh as mesh_lib
 from models.sharding import plan_param_specs, shard_shape
 from tests import _sharded_programs as progs
@@ -31,16 +27,8 @@ MESH = (1, 4, 2)   # data, fsdp, tensor
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-  model = progs.tiny_model()
   out = str(tmp_path_factory.mktemp("tiny_glamm"))
-  flat = {p: np.asarray(v.get_value()) for p, v in nnx.state(model).flat_state()}
-  writer = GroupWriter(out, {p: (a.shape, a.dtype) for p, a in flat.items()}, group_of)
-  for path, array in flat.items():
-    writer.add(path, array, source_key=".".join(map(str, path)))
-  writer.finish({"sources": ["tests/_sharded_programs.tiny_model"]})
-  with open(os.path.join(out, "config.json"), "w") as f:
-    json.dump(model.config.to_dict(), f)
-  return out, flat
+  return out, progs.write_checkpoint(progs.tiny_model(), out)
 
 
 def test_restore_reads_and_places_only_each_devices_slice(checkpoint, monkeypatch):
