@@ -4,7 +4,7 @@ The device SLIC (`altp_jax.slic_device.slic`) returns centre ids, and a centre's
 several pieces. scikit-image's `slic` ends with a pass that splits every label into its
 4-connected pieces and dissolves pieces smaller than `min_size = int(min_size_factor * H * W /
 num_centres)` into a neighbour; on the ALTP report's photos that pass alone moves the keep set by
-a Jaccard of about 0.25, so the device pipeline needs it too. `enforce_connectivity_device` does it
+a Jaccard of about 0.23, so the device pipeline needs it too. `enforce_connectivity_device` does it
 as one jittable, vmappable function of `[..., H, W]` labels:
 
 1. **Components.** `connected_components` gives every pixel the raster index of the first pixel

@@ -25,9 +25,10 @@ Where it differs, on purpose:
   cells away.
 * Empty centres. A centre that wins no pixel keeps its previous position and colour (skimage
   divides 0 by 0 and the centre drops out for good, as a NaN).
-* No connectivity pass on device: a superpixel may be split into several pieces, and small
-  islands survive. `altp_jax.connectivity.enforce_connectivity` does skimage's fix-up on the host
-  when it is wanted; ALTP's token labels (majority vote over 14x14 patches) barely notice islands.
+* No connectivity pass inside `slic`: a superpixel may be split into several pieces, and small
+  islands survive. `altp_jax.connectivity_device.enforce_connectivity_device` is skimage's fix-up
+  on the device (the image -> keep-indices pipeline runs it by default: it moves ALTP keep sets
+  a lot), `altp_jax.connectivity.enforce_connectivity` a host variant.
 * No early stop: always `num_iterations` assignments (skimage stops when nothing changes, which
   only happens after convergence, so the results agree).
 
@@ -348,5 +349,6 @@ def slic(images: jax.Array, *, n_segments: int, compactness: float = 10.0,
   if sigma > 0:
     lab = jax.vmap(lambda x: _gaussian_blur(x, sigma))(lab)
   fn = functools.partial(_slic_single, grid=grid, compactness=float(compactness),
-                         num_iterations=int(num_iterations), radius=int(radius), window_box=bool(window_box))
+                         num_iterations=int(num_iterations), radius=int(radius),
+                         window_box=bool(window_box))
   return jax.vmap(fn)(lab).reshape(lead + (h, w))

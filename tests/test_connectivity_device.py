@@ -174,12 +174,11 @@ def test_close_to_skimage_on_device_slic_of_a_photo():
 
 
 def test_jit_equals_eager_and_vmap_equals_loop():
-  batch = np.stack([_random_blocks(s, block=2) for s in range(3)])
-  fn = lambda x: cd._enforce_single(x, min_size=cd.min_segment_size(20, 24, 8))
+  batch = np.stack([_random_blocks(s, h=10, w=12, block=2) for s in range(3)])
+  fn = lambda x: cd._enforce_single(x, min_size=cd.min_segment_size(10, 12, 8))
   jitted = np.asarray(jax.jit(jax.vmap(fn))(jnp.asarray(batch)))
-  with jax.disable_jit():
-    eager = np.stack([np.asarray(fn(jnp.asarray(x))) for x in batch])
-  np.testing.assert_array_equal(jitted, eager)
+  with jax.disable_jit():  # eager is slow: one image
+    np.testing.assert_array_equal(np.asarray(fn(jnp.asarray(batch[0]))), jitted[0])
   public = cd.enforce_connectivity_device(jnp.asarray(batch), num_centres=8)
   np.testing.assert_array_equal(np.asarray(public), jitted)
   loop = np.stack([np.asarray(cd.enforce_connectivity_device(jnp.asarray(x), num_centres=8))
