@@ -24,7 +24,7 @@ from flax import nnx
 import altp_jax
 from altp_jax import gather
 from altp_jax import ranking
-from altp_jax import slic_device
+from altp_jax import pipeline
 from altp_jax import superpixels
 from models import generate as gen
 from models.sam.resize import linear_taps
@@ -169,11 +169,10 @@ def gcg_forward(model, ids, valid, visual_mask, clip_pixels, sam_pixels, labels,
   if prune.method in PRE_LLM:
     k = prune.kept(n)
     if prune.method == "altp" and labels is None:
-      pix = slic_device.slic(images01, n_segments=prune.n_segments(n),
-                                      compactness=prune.altp.compactness,
-                                      num_iterations=prune.altp.slic_iters, sigma=prune.altp.sigma)
-      g = slic_device.num_centres(images01.shape[1], images01.shape[2],
-                                           prune.n_segments(n))
+      pix = pipeline.device_pixel_labels(images01, n_segments=prune.n_segments(n),
+                                         config=prune.altp)
+      g = pipeline.device_num_segments(images01.shape[1], images01.shape[2],
+                                       prune.n_segments(n))
       labels = superpixels.token_labels(pix, options.grid, g, prune.altp.token_labels)
     else:
       g = prune.num_segments(n)

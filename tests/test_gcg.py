@@ -191,3 +191,43 @@ def test_cli_killed_mid_run_loses_nothing(tmp_path):
   assert final == ["sk_astronaut.json", "sk_camera.json", "sk_coins.json", "sk_horse.json"]
   assert all(os.path.getmtime(os.path.join(pred, f)) == t for f, t in first.items())
   assert not [f for f in os.listdir(pred) if ".tmp" in f]
+
+
+def _batch_inputs(model, tokenizer, b=1, seed=3):
+  n = model.config.num_visual_tokens
+  prompt = prompt_lib.build_gcg_prompt(tokenizer, n)
+  ids, valid, vis = (np.broadcast_to(np.asarray(a), (b,) + a.shape) for a in (
+      prompt.ids, prompt.valid, prompt.visual_mask))
+  rng = np.random.default_rng(seed)
+  return dict(ids=ids, valid=valid, visual_mask=vis,
+              clip_pixels=rng.normal(size=(b, 56, 56, 3)).astype(np.float32),
+              sam_pixels=rng.normal(size=(b, 96, 96, 3)).astype(np.float32),
+              images01=rng.random((b, 56, 56, 3)).astype(np.float32))
+
+
+def test_keep_ratio_one_is_exactly_unpruned(tokenizer):
+  model = _tiny_glamm(tokenizer)
+  inp = _batch_inputs(model, tokenizer)
+  ref = gcg.GCGRunner(model, _options(tokenizer, "none", 1.0, max_new=4)).run_batch(**inp)
+  for method, extra in (("altp", {"superpixels": "device"}), ("fastv", {"fastv_layer": 1}),
+                        ("pdrop", {"pdrop_layers": (1, 2, 3),
+                                   "pdrop_base_ratios": (1.0, .5, .25)}),
+                        ("random", {}), ("grid", {}), ("topk", {})):
+    out = gcg.GCGRunner(model, _options(tokenizer, method, 1.0, max_new=4, **extra)).run_batch(
+        **inp)
+    np.testing.assert_array_equal(out["tokens"], ref["tokens"], err_msg=method)
+    np.testing.assert_allclose(out["low_res"], ref["low_res"], atol=1e-5, err_msg=method)
+
+
+def test_altp_inside_the_model_equals_altp_jax(tokenizer):
+  model = _tiny_glamm(tokenizer)
+  inp = _batch_inputs(model, tokenizer, b=2)
+  opts = _options(tokenizer, "altp", 0.5, max_new=2)
+  n, k, g = 16, opts.prune.kept(16), opts.prune.num_segments(16)
+  labels = np.random.default_rng(4).integers(0, g, (2, n)).astype(np.int32)
+  out = gcg.GCGRunner(model, opts).run_batch(labels=labels, **{
+      k_: v for k_, v in inp.items() if k_ != "images01"})
+  visual, cls = model.encode_image(jnp.asarray(inp["clip_pixels"]))
+  want = altp_jax.altp_select(cls, labels, k, config=opts.prune.altp,
+                              features=visual.astype(jnp.float32), num_segments=g)
+  np.testing.assert_array_equal(out["keep_visual"], want)
