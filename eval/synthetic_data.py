@@ -1,0 +1,208 @@
+"""Training examples from the synthetic scenes (eval/scenes.py layout) for GLaMM's GCG task.
+
+One example = the GCG prompt (glamm.md §4.4, the evaluation instruction) followed by the grounded
+caption as the assistant answer and `</s>`, i.e. the llava_v1 conversation LLaVA/GLaMM train on;
+the image placeholder is expanded to N visual slots (`eval.prompt.expand_image_tokens`) and the
+sequence right-padded to a static length L. Arrays (K = max masks per image, S/Ss the CLIP/SAM input
+sides, H = W the image side):
+
+  input_ids    [L] int32   prompt + answer ids (visual slots and padding: the pad id)
+  visual_mask  [L] bool    the N visual slots
+  targets      [L] int32   the id position t predicts (= input_ids[t + 1]); 0 where unused
+  loss_weight  [L] float32 1 on the positions that predict an answer token (incl. `</s>`)
+  seg_index    [K] int32   position of the token *before* each [SEG] (GLaMM's hidden-state
+                           choice, glamm.md §4.7); 0 on padded slots
+  seg_valid    [K] bool
+  clip_pixels  [S,S,3] f32 CLIP-normalised (eval.preprocess.clip_preprocess)
+  sam_pixels   [Ss,Ss,3] f32 SAM-normalised and padded (eval.preprocess.sam_preprocess)
+  masks        [K,H,W] f32 ground-truth masks in [SEG] order (zeros on padded slots)
+
+Batches for step s are a pure function of (seed, s): epoch e visits the split in the order of
+`default_rng([seed, e]).permutation`, and step s takes the next `batch_size` examples of that
+endless sequence, so a resumed run sees exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import queue
+import threading
+from typing import Iterator
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from eval import scenes
+from eval.preprocess import clip_preprocess, load_image, sam_preprocess
+from eval.prompt import build_gcg_prompt
+from eval.tokenizer import LlamaSlowTokenizer, seg_token_id
+
+
+class SyntheticGCGData:
+  """The examples of one split of a scenes directory.
+
+  Args:
+    root: the `python -m eval.scenes --out` directory.
+    split: "train", "val" or "test".
+    tokenizer: the synthetic tokenizer (`root/tokenizer`).
+    clip_size / sam_size: model input sides (336 / the small SAM's image size).
+    num_visual_tokens: N = (clip_size / patch)^2.
+    max_masks: K.
+    max_answer_tokens: answer ids (incl. `</s>`) allowed; longer answers are an error.
+  """
+
+  def __init__(self, root: str, split: str, tokenizer: LlamaSlowTokenizer, *, clip_size: int,
+               sam_size: int, num_visual_tokens: int, max_masks: int = scenes.MAX_OBJECTS,
+               max_answer_tokens: int = 112):
+    cap_path, mask_path = scenes.annotation_paths(root, split)
+    for p in (cap_path, mask_path):
+      if not os.path.exists(p):
+        raise FileNotFoundError(f"SyntheticGCGData: no {split} annotations at {p}; run "
+                                f"`python -m eval.scenes --out {root} --{split} N` first")
+    with open(cap_path) as f:
+      cap = json.load(f)
+    with open(mask_path) as f:
+      msk = json.load(f)
+    self.root, self.split, self.tokenizer = root, split, tokenizer
+    self.clip_size, self.sam_size = clip_size, sam_size
+    self.num_visual_tokens, self.max_masks = num_visual_tokens, max_masks
+    self.images = cap["images"]
+    by_image: dict[str, list[dict]] = {}
+    for a in msk["annotations"]:
+      by_image.setdefault(a["image_id"], []).append(a)
+    self.captions = {a["image_id"]: a for a in cap["annotations"]}
+    self.masks = by_image
+    sizes = {(im["height"], im["width"]) for im in self.images}
+    if len(sizes) > 1:
+      raise ValueError(f"SyntheticGCGData: {cap_path} mixes image sizes {sorted(sizes)}; the "
+                       "training step needs one static size")
+    self.image_hw = sizes.pop() if sizes else (scenes.IMAGE_SIZE, scenes.IMAGE_SIZE)
+
+    prompt = build_gcg_prompt(tokenizer, num_visual_tokens, buckets=None)
+    self.prompt_ids = prompt.ids            # expanded, [P]
+    self.prompt_visual_mask = prompt.visual_mask
+    self.seg_id = seg_token_id(tokenizer)
+    self.max_answer_tokens = max_answer_tokens
+    self.seq_len = len(self.prompt_ids) + max_answer_tokens
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def answer_ids(self, grounded_caption: str) -> list[int]:
+    return self.tokenizer.encode(grounded_caption, add_special_tokens=False) + \
+        [self.tokenizer.eos_id]
+
+  def example(self, i: int) -> dict[str, np.ndarray]:
+    im = self.images[i]
+    stem = im["id"]
+    cap = self.captions.get(stem)
+    if cap is None or "grounded_caption" not in cap:
+      raise ValueError(f"SyntheticGCGData: image {stem!r} of {self.split} has no caption "
+                       "annotation with a 'grounded_caption'")
+    answer = self.answer_ids(cap["grounded_caption"])
+    if len(answer) > self.max_answer_tokens:
+      raise ValueError(f"SyntheticGCGData: answer of {stem!r} has {len(answer)} tokens > "
+                       f"max_answer_tokens {self.max_answer_tokens}")
+    p, l = len(self.prompt_ids), self.seq_len
+    ids = np.full((l,), self.tokenizer.pad_id, np.int32)
+    ids[:p] = self.prompt_ids
+    ids[p:p + len(answer)] = answer
+    visual = np.zeros((l,), bool)
+    visual[:p] = self.prompt_visual_mask
+    targets = np.zeros((l,), np.int32)
+    targets[:-1] = ids[1:]
+    weight = np.zeros((l,), np.float32)
+    weight[p - 1:p - 1 + len(answer)] = 1.0
+
+    seg_pos = p + np.flatnonzero(np.asarray(answer) == self.seg_id)
+    anns = self.masks.get(stem, [])
+    if len(seg_pos) != len(anns) or len(anns) != len(cap.get("labels", anns)):
+      raise ValueError(f"SyntheticGCGData: {stem!r} has {len(seg_pos)} [SEG] tokens, "
+                       f"{len(anns)} masks and {len(cap.get('labels', []))} labels")
+    if len(anns) > self.max_masks:
+      raise ValueError(f"SyntheticGCGData: {stem!r} has {len(anns)} masks > max_masks "
+                       f"{self.max_masks}")
+    k = self.max_masks
+    seg_index = np.zeros((k,), np.int32)
+    seg_index[:len(seg_pos)] = seg_pos - 1
+    seg_valid = np.zeros((k,), bool)
+    seg_valid[:len(seg_pos)] = True
+    h, w = self.image_hw
+    masks = np.zeros((k, h, w), np.float32)
+    for j, a in enumerate(anns):
+      rle = dict(a["segmentation"])
+      rle["counts"] = rle["counts"].encode("ascii") if isinstance(rle["counts"], str) \
+          else rle["counts"]
+      masks[j] = mask_utils.decode(rle)
+
+    image = load_image(os.path.join(scenes.image_dir(self.root, self.split), im["file_name"]))
+    clip_pixels = clip_preprocess(image, self.clip_size)
+    sam_pixels, _ = sam_preprocess(image, self.sam_size)
+    return {"input_ids": ids, "visual_mask": visual, "targets": targets, "loss_weight": weight,
+            "seg_index": seg_index, "seg_valid": seg_valid, "clip_pixels": clip_pixels,
+            "sam_pixels": sam_pixels, "masks": masks}
+
+  def sam_input_size(self) -> tuple[int, int]:
+    """(h, w) of the resized image inside the padded SAM input (for mask post-processing)."""
+    from eval.preprocess import sam_resize_shape
+    return sam_resize_shape(*self.image_hw, self.sam_size)
+
+  def batch(self, indices) -> dict[str, np.ndarray]:
+    exs = [self.example(int(i)) for i in indices]
+    return {k: np.stack([e[k] for e in exs]) for k in exs[0]}
+
+
+def step_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+  """Example indices of training step `step` (see the module docstring)."""
+  if n <= 0:
+    raise ValueError("step_indices: empty split")
+  start = step * batch_size
+  out = []
+  while len(out) < batch_size:
+    epoch, offset = divmod(start + len(out), n)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    out.extend(perm[offset:offset + batch_size - len(out)].tolist())
+  return np.asarray(out)
+
+
+def prefetch_batches(data: SyntheticGCGData, batch_size: int, first_step: int, last_step: int,
+                     seed: int, workers: int = 4, depth: int = 2) -> Iterator[tuple[int, dict]]:
+  """(step, batch) for steps [first_step, last_step), prepared `depth` batches ahead in a
+  background thread (image decoding and resizing release the GIL in PIL)."""
+  q: queue.Queue = queue.Queue(maxsize=depth)
+  stop = threading.Event()
+
+  def produce():
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      try:
+        for step in range(first_step, last_step):
+          idx = step_indices(len(data), batch_size, step, seed)
+          exs = list(pool.map(data.example, idx.tolist()))
+          item = (step, {k: np.stack([e[k] for e in exs]) for k in exs[0]})
+          while not stop.is_set():
+            try:
+              q.put(item, timeout=0.5)
+              break
+            except queue.Full:
+              continue
+          if stop.is_set():
+            return
+      except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+        q.put(e)
+        return
+    q.put(None)
+
+  thread = threading.Thread(target=produce, daemon=True)
+  thread.start()
+  try:
+    while True:
+      item = q.get()
+      if item is None:
+        return
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()
