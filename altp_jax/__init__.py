@@ -1,8 +1,8 @@
 """altp_jax: fixed-shape, jit-compiled visual-token pruning for grounded vision-language models.
 
 ALTP as described in the paper (arXiv 2503.23959); settings the paper does not publish are options,
-with defaults chosen by our ablation. FastV and PyramidDrop follow their authors' code. Every
-selection keeps a static number `k` of tokens and returns `[..., k]` ascending indices, so it can
+whose defaults are the spec's candidates until our ablation picks them (docs/ALTP.md). FastV and
+PyramidDrop follow their authors' code. Every selection keeps a static number `k` of tokens and returns `[..., k]` ascending indices, so it can
 be jit-compiled, vmapped and sharded inside a larger JAX program.
 """
 

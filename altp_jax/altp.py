@@ -1,7 +1,8 @@
 """ALTP: Adaptive Local-Aware Token Pruning, as a fixed-shape selection.
 
 ALTP as described in the paper (arXiv 2503.23959); settings the paper does not publish are options,
-with defaults chosen by our ablation. The formulation follows `shared/specs/altp.md`:
+with the spec's candidate defaults until our ablation picks them (docs/ALTP.md). The formulation
+follows `shared/specs/altp.md`:
 
 * **Detail Density Capture (DDC).** Every superpixel that owns a token gets a coverage quota
   `q_g = min(n_g, m)`. If the quotas exceed the budget `k`, they go to the superpixels with the
