@@ -4,9 +4,10 @@ When the model spans hosts (a mesh over every process's devices), every process 
 jitted steps in lockstep, each feeding the rows of the global batch that live on its own devices.
 The pieces:
 
-- `initialize()`: `jax.distributed.initialize()` when the environment describes several processes
-  (TPU pod slices and SLURM/Open MPI are detected by JAX itself; otherwise `JAX_COORDINATOR_ADDRESS`,
-  `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`, see docs/SCALING.md); a no-op for one process.
+- `initialize()`: `jax.distributed.initialize()` when the environment asks for it: explicit
+  `JAX_COORDINATOR_ADDRESS` + `JAX_NUM_PROCESSES` + `JAX_PROCESS_ID`, or `ALTP_DISTRIBUTED=1`
+  (JAX's own cluster detection: TPU pod slices, SLURM, Open MPI), or SLURM/Open MPI variables
+  with more than one task; a no-op otherwise (docs/SCALING.md).
 - `pending(names, pred_dir)`: images without a prediction file, decided by process 0 (the only
   writer) and broadcast, so every process sees the same list even without a shared file system.
 - `schedule(todo, global_batch)`: the global batches, the last padded with None.
@@ -37,7 +38,8 @@ def initialize() -> None:
     jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
                                num_processes=int(env["JAX_NUM_PROCESSES"]),
                                process_id=int(env["JAX_PROCESS_ID"]))
-  elif any(k in env for k in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")):
+  elif (env.get("ALTP_DISTRIBUTED") == "1" or int(env.get("SLURM_NTASKS", "1")) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1):
     jax.distributed.initialize()       # JAX's cluster auto-detection
 
 

@@ -184,3 +184,58 @@ def constrain_cache(cache, mesh: jax.sharding.Mesh | None = None):
 def shard_cache(cache, mesh: jax.sharding.Mesh):
   """Places an (e.g. freshly created) cache on the mesh with `cache_shardings`."""
   return jax.device_put(cache, cache_shardings(cache, mesh))
+
+
+# -- command line: check a mesh against the model before launching --------------------------------
+
+def kv_cache_bytes_per_device(llm, batch: int, cache_length: int, sizes: Mapping[str, int],
+                              itemsize: int = 2) -> int:
+  """KV cache bytes per device: k and v [B, S, Hkv, Dh] per layer, batch over data x fsdp, KV
+  heads over tensor."""
+  rows = batch // (sizes.get("data", 1) * sizes.get("fsdp", 1))
+  heads = llm.num_kv_heads // sizes.get("tensor", 1)
+  return 2 * llm.num_layers * rows * cache_length * heads * llm.head_dim * itemsize
+
+
+def main(argv=None) -> dict:
+  """`python -m models.mesh --mesh data=-1,tensor=4 --devices 8 --batch 8`: the mesh sizes, the
+  divisibility check, and the per-device memory of parameters and KV cache."""
+  import argparse
+  import json
+
+  from models.glamm.config import GLaMMConfig
+  from models.sharding_dump import abstract_state
+  from models.sharding import bytes_per_device, plan_param_specs, summarize_replicated
+
+  parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+  parser.add_argument("--mesh", required=True, help="data=D,fsdp=F,tensor=T (one may be -1)")
+  parser.add_argument("--devices", type=int, default=None, help="default: jax.device_count()")
+  parser.add_argument("--config", default="glamm_7b", choices=["glamm_7b", "tiny"])
+  parser.add_argument("--checkpoint", default=None, help="converted dir: read its config.json")
+  parser.add_argument("--batch", type=int, default=None, help="global batch (rows)")
+  parser.add_argument("--cache-length", type=int, default=1152,
+                      help="KV slots per row (GCG: 576 image + ~64 prompt + 512 new tokens)")
+  args = parser.parse_args(argv)
+  if args.checkpoint:
+    import os
+    with open(os.path.join(args.checkpoint, "config.json")) as f:
+      config = GLaMMConfig.from_dict(json.load(f))
+  else:
+    config = getattr(GLaMMConfig, args.config)()
+  sizes = parse_mesh_spec(args.mesh, args.devices)
+  check_divisible(config, sizes, args.batch)
+  state = abstract_state(config)
+  specs, report = plan_param_specs(state, sizes)
+  itemsize = jax.numpy.dtype(config.llm.dtype).itemsize
+  out = {"mesh": sizes,
+         "param_gib_per_device": bytes_per_device(state, specs, sizes) / 2**30,
+         "replicated": summarize_replicated(report)}
+  if args.batch:
+    out["kv_cache_gib_per_device"] = kv_cache_bytes_per_device(
+        config.llm, args.batch, args.cache_length, sizes, itemsize) / 2**30
+  print(json.dumps(out, indent=1))
+  return out
+
+
+if __name__ == "__main__":
+  main()

@@ -13,6 +13,7 @@ mesh shape alone. JSON: {"config", "meshes": {"data=D,fsdp=F,tensor=T": {"specs"
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from typing import Sequence
@@ -24,6 +25,13 @@ from models.sharding import (MESH_AXES, bytes_per_device, plan_param_specs,
 
 # The equality-test meshes of the tiny model (tests/test_sharded_equality.py).
 DEFAULT_MESHES = ((8, 1, 1), (2, 2, 2), (1, 4, 2), (2, 1, 4))
+
+
+@functools.lru_cache(maxsize=4)
+def abstract_state(config) -> nnx.State:
+  """The abstract state of GLaMM(config) (cached: tracing the 7B initialisers takes seconds)."""
+  from models.glamm.modeling import abstract_glamm
+  return nnx.state(abstract_glamm(config))
 
 
 def _spec_json(spec, ndim: int) -> list:
@@ -38,10 +46,9 @@ def mesh_key(shape: Sequence[int]) -> str:
 def dump(config_name: str = "tiny", meshes: Sequence[Sequence[int]] = DEFAULT_MESHES) -> dict:
   """The JSON-ready plan of `GLaMMConfig.<config_name>()` on each mesh shape."""
   from models.glamm.config import GLaMMConfig
-  from models.glamm.modeling import abstract_glamm
   from models.sharding import _names_of
 
-  state = nnx.state(abstract_glamm(getattr(GLaMMConfig, config_name)()))
+  state = abstract_state(getattr(GLaMMConfig, config_name)())
   flat = list(state.flat_state())
   key = lambda path: ".".join(map(str, path))
   out = {"config": config_name, "meshes": {},

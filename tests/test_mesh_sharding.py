@@ -137,7 +137,7 @@ def test_golden_file_content_is_the_intended_placement():
 
 
 def test_glamm_7b_placement_on_1x2x4_from_eval_shape():
-  state = nnx.state(abstract_glamm(GLaMMConfig.glamm_7b()))
+  state = sharding_dump.abstract_state(GLaMMConfig.glamm_7b())
   sizes = {"data": 1, "fsdp": 2, "tensor": 4}
   specs, report = plan_param_specs(state, sizes)
   # 32007 rows divide no tensor axis: embed_tokens and lm_head keep only their fsdp split.
@@ -188,3 +188,14 @@ def test_constrain_and_cache_shardings():
   assert cache.k[1].sharding.spec == P(("data", "fsdp"), None, "tensor", None)
   assert cache.valid.sharding.spec == P(("data", "fsdp"), None)
   assert cache.k[0].addressable_shards[0].data.shape == (2, 12, 2, 16)
+
+
+def test_mesh_cli_reports_memory_and_refuses_bad_batches(capsys):
+  out = mesh_lib.main(["--mesh", "fsdp=2,tensor=-1", "--devices", "8", "--batch", "8"])
+  assert out["mesh"] == {"data": 1, "fsdp": 2, "tensor": 4}
+  assert 2.3 < out["param_gib_per_device"] < 3.0
+  # 32 layers x k,v x 4 rows x 1152 slots x 8 heads x 128 x 2 bytes.
+  assert out["kv_cache_gib_per_device"] == 2 * 32 * 4 * 1152 * 8 * 128 * 2 / 2**30
+  assert '"tensor": 4' in capsys.readouterr().out
+  with pytest.raises(mesh_lib.MeshError, match=r"batch: 6 rows do not divide over data x fsdp"):
+    mesh_lib.main(["--mesh", "data=4,tensor=2", "--devices", "8", "--batch", "6"])
