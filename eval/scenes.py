@@ -22,7 +22,7 @@ File layout (glamm.md §6.1-6.2; `eval/grandf.py` reads it):
   OUT/GranDf_HA_images/val_test/syn_{val,test}_000000.jpg
   OUT/annotations/train/train_gcg_coco_{caption,mask}_gt.json
   OUT/annotations/val_test/{val,test}_gcg_coco_{caption,mask}_gt.json
-  OUT/tokenizer/  (see eval/synthetic_tokenizer.py)
+  OUT/tokenizer/  (eval/synthetic_tokenizer.py; identical for every seed and size)
   OUT/dataset.json  (seed, counts, vocabulary)
 Caption annotations carry, besides GranD-f's `caption` (plain text) and `labels` (phrases), the
 `grounded_caption` used as the training answer; mask annotations carry the object's `attributes`
@@ -500,15 +500,9 @@ def write_dataset(out: str, counts: dict[str, int], seed: int, workers: int = 1,
           "image_size": IMAGE_SIZE, "max_objects": MAX_OBJECTS,
           "vocabulary": {"shapes": list(SHAPES), "colours": list(COLOURS),
                          "textures": list(TEXTURES), "sizes": {k: list(v) for k, v in SIZES.items()}}}
-  if tokenizer:
+  if tokenizer:   # a function of the caption grammar only: the same for every dataset
     from eval import synthetic_tokenizer
-    captions = []
-    source = "train" if counts.get("train") else None
-    for split, n in counts.items():
-      if source is None or split == source:
-        with open(annotation_paths(out, split)[0]) as f:
-          captions += [a["grounded_caption"] for a in json.load(f)["annotations"]]
-    synthetic_tokenizer.train_tokenizer(captions, os.path.join(out, "tokenizer"))
+    synthetic_tokenizer.train_tokenizer(os.path.join(out, "tokenizer"))
   _atomic_write_json(os.path.join(out, "dataset.json"), meta)
   return meta
 

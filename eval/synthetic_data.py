@@ -13,9 +13,13 @@ sides, H = W the image side):
   seg_index    [K] int32   position of the token *before* each [SEG] (GLaMM's hidden-state
                            choice, glamm.md §4.7); 0 on padded slots
   seg_valid    [K] bool
-  clip_pixels  [S,S,3] f32 CLIP-normalised (eval.preprocess.clip_preprocess)
-  sam_pixels   [Ss,Ss,3] f32 SAM-normalised and padded (eval.preprocess.sam_preprocess)
-  masks        [K,H,W] f32 ground-truth masks in [SEG] order (zeros on padded slots)
+  clip_image   [S,S,3] u8  resized + centre-cropped like eval.preprocess.clip_preprocess
+  sam_image    [Ss,Ss,3] u8 resized like eval.preprocess.sam_preprocess (zeros where padded)
+  masks        [K,H,W] u8  ground-truth masks in [SEG] order (zeros on padded slots)
+
+Images and masks stay uint8 on the host (a quarter of the bytes to move between worker processes
+and to the device); `clip_normalize` / `sam_normalize` finish the two preprocessors on the device,
+equal to `clip_preprocess` / `sam_preprocess` up to float32 rounding.
 
 Batches for step s are a pure function of (seed, s): epoch e visits the split in the order of
 `default_rng([seed, e]).permutation`, and step s takes the next `batch_size` examples of that
@@ -26,16 +30,19 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import multiprocessing
 import os
 import queue
 import threading
 from typing import Iterator
 
 import numpy as np
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from eval import scenes
-from eval.preprocess import clip_preprocess, load_image, sam_preprocess
+from eval.preprocess import (CLIP_MEAN, CLIP_RESCALE, CLIP_STD, SAM_MEAN, SAM_STD,
+                             clip_resize_shape, load_image, sam_resize_shape)
 from eval.prompt import build_gcg_prompt
 from eval.tokenizer import LlamaSlowTokenizer, seg_token_id
 
@@ -130,7 +137,7 @@ class SyntheticGCGData:
     seg_valid = np.zeros((k,), bool)
     seg_valid[:len(seg_pos)] = True
     h, w = self.image_hw
-    masks = np.zeros((k, h, w), np.float32)
+    masks = np.zeros((k, h, w), np.uint8)
     for j, a in enumerate(anns):
       rle = dict(a["segmentation"])
       rle["counts"] = rle["counts"].encode("ascii") if isinstance(rle["counts"], str) \
@@ -138,20 +145,67 @@ class SyntheticGCGData:
       masks[j] = mask_utils.decode(rle)
 
     image = load_image(os.path.join(scenes.image_dir(self.root, self.split), im["file_name"]))
-    clip_pixels = clip_preprocess(image, self.clip_size)
-    sam_pixels, _ = sam_preprocess(image, self.sam_size)
     return {"input_ids": ids, "visual_mask": visual, "targets": targets, "loss_weight": weight,
-            "seg_index": seg_index, "seg_valid": seg_valid, "clip_pixels": clip_pixels,
-            "sam_pixels": sam_pixels, "masks": masks}
+            "seg_index": seg_index, "seg_valid": seg_valid,
+            "clip_image": clip_resize_crop(image, self.clip_size),
+            "sam_image": sam_resize_pad(image, self.sam_size), "masks": masks}
 
   def sam_input_size(self) -> tuple[int, int]:
     """(h, w) of the resized image inside the padded SAM input (for mask post-processing)."""
-    from eval.preprocess import sam_resize_shape
     return sam_resize_shape(*self.image_hw, self.sam_size)
 
   def batch(self, indices) -> dict[str, np.ndarray]:
     exs = [self.example(int(i)) for i in indices]
     return {k: np.stack([e[k] for e in exs]) for k in exs[0]}
+
+
+def clip_resize_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H,W,3] -> uint8 [size,size,3]: `clip_preprocess` before its rescale/normalise."""
+  new_h, new_w = clip_resize_shape(image.shape[0], image.shape[1], size)
+  resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BICUBIC))
+  top, left = (new_h - size) // 2, (new_w - size) // 2
+  return np.ascontiguousarray(resized[top:top + size, left:left + size])
+
+
+def sam_resize_pad(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H,W,3] -> uint8 [size,size,3]: `sam_preprocess`'s resize, zero-padded."""
+  new_h, new_w = sam_resize_shape(image.shape[0], image.shape[1], size)
+  out = np.zeros((size, size, 3), np.uint8)
+  out[:new_h, :new_w] = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+  return out
+
+
+def clip_normalize(x):
+  """uint8 [...,S,S,3] -> float32, (x / 255 - mean) / std (jnp or np)."""
+  import jax.numpy as jnp
+  x = jnp.asarray(x).astype(jnp.float32) * jnp.float32(CLIP_RESCALE)
+  return (x - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)
+
+
+def sam_normalize(x, input_size: tuple[int, int]):
+  """uint8 [B,Ss,Ss,3] -> float32 (x - mean) / std inside the resized `input_size` (h, w),
+  zero in the padding (SAM pads *after* normalising)."""
+  import jax.numpy as jnp
+  y = (jnp.asarray(x).astype(jnp.float32) - jnp.asarray(SAM_MEAN, jnp.float32)) / \
+      jnp.asarray(SAM_STD, jnp.float32)
+  h, w = input_size
+  rows = jnp.arange(y.shape[-3]) < h
+  cols = jnp.arange(y.shape[-2]) < w
+  return jnp.where((rows[:, None] & cols[None, :])[..., None], y, 0.0)
+
+
+# Worker processes build their own dataset once (the tokenizer is not shared across processes).
+_WORKER_DATA: "SyntheticGCGData | None" = None
+
+
+def _worker_init(root, split, tokenizer_dir, kwargs):
+  global _WORKER_DATA
+  from eval.tokenizer import load_tokenizer
+  _WORKER_DATA = SyntheticGCGData(root, split, load_tokenizer(tokenizer_dir), **kwargs)
+
+
+def _worker_example(i: int) -> dict[str, np.ndarray]:
+  return _WORKER_DATA.example(i)
 
 
 def step_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
@@ -168,18 +222,32 @@ def step_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
 
 
 def prefetch_batches(data: SyntheticGCGData, batch_size: int, first_step: int, last_step: int,
-                     seed: int, workers: int = 4, depth: int = 2) -> Iterator[tuple[int, dict]]:
-  """(step, batch) for steps [first_step, last_step), prepared `depth` batches ahead in a
-  background thread (image decoding and resizing release the GIL in PIL)."""
+                     seed: int, workers: int = 4, depth: int = 3,
+                     tokenizer_dir: str | None = None) -> Iterator[tuple[int, dict]]:
+  """(step, batch) for steps [first_step, last_step), prepared `depth` batches ahead by a
+  background thread. With `workers` > 0 and `tokenizer_dir`, examples are built by that many
+  worker processes (image decoding, resizing and tokenising hold the GIL); otherwise in the
+  thread."""
   q: queue.Queue = queue.Queue(maxsize=depth)
   stop = threading.Event()
 
+  def make_pool():
+    if workers > 0 and tokenizer_dir is not None:
+      kwargs = dict(clip_size=data.clip_size, sam_size=data.sam_size,
+                    num_visual_tokens=data.num_visual_tokens, max_masks=data.max_masks,
+                    max_answer_tokens=data.max_answer_tokens)
+      return concurrent.futures.ProcessPoolExecutor(
+          workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+          initargs=(data.root, data.split, tokenizer_dir, kwargs)), _worker_example
+    return concurrent.futures.ThreadPoolExecutor(max(workers, 1)), data.example
+
   def produce():
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-      try:
+    try:
+      pool, fn = make_pool()
+      with pool:
         for step in range(first_step, last_step):
           idx = step_indices(len(data), batch_size, step, seed)
-          exs = list(pool.map(data.example, idx.tolist()))
+          exs = list(pool.map(fn, idx.tolist(), chunksize=max(1, batch_size // max(workers, 1))))
           item = (step, {k: np.stack([e[k] for e in exs]) for k in exs[0]})
           while not stop.is_set():
             try:
@@ -189,9 +257,9 @@ def prefetch_batches(data: SyntheticGCGData, batch_size: int, first_step: int, l
               continue
           if stop.is_set():
             return
-      except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-        q.put(e)
-        return
+    except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+      q.put(e)
+      return
     q.put(None)
 
   thread = threading.Thread(target=produce, daemon=True)

@@ -10,8 +10,13 @@ split, byte fallback) on the GCG prompt and the scene captions, and writes the s
 
 The added tokens are kept out of the SentencePiece model (not user-defined symbols) because that is
 GLaMM's layout: the slow tokenizer splits the text on them before SentencePiece sees it, so the
-training text is split the same way here. Vocabulary words are all seen: the corpus includes every
-phrase the scene vocabulary can form, the relation and region words, the prompt, and the captions.
+training text is split the same way here.
+
+The corpus depends on the caption grammar only, not on a generated dataset: the GCG prompt, every
+phrase the object vocabulary can form, the relation and region words, and captions sampled from the
+grammar (`grammar_captions`, the generator's own caption function on random objects). So every
+dataset written by `eval.scenes`, whatever its seed or size, gets the same tokenizer, and a model
+trained on one dataset reads any other.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import io
 import json
 import os
 import re
-from typing import Iterable, Sequence
+from typing import Iterable
 
+import numpy as np
 import sentencepiece as spm
 
 from eval.prompt import GCG_INSTRUCTION, gcg_prompt_text
@@ -57,16 +63,38 @@ def vocabulary_corpus() -> list[str]:
   return lines
 
 
-def train_tokenizer(captions: Iterable[str], out_dir: str,
-                    vocab_size: int = DEFAULT_VOCAB_SIZE) -> LlamaSlowTokenizer:
-  """Trains the SentencePiece model on prompt + vocabulary + captions and writes
-  `tokenizer.model`, `added_tokens.json`, `special_tokens_map.json`, `tokenizer_config.json`.
+def grammar_captions(n: int = 3000, seed: int = 0) -> list[str]:
+  """`n` grounded captions of random objects (1-6, random centres) from the generator's caption
+  function; no images are rendered."""
+  from eval import scenes
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    objs = []
+    for _ in range(int(rng.integers(1, scenes.MAX_OBJECTS + 1))):
+      objs.append(scenes.SceneObject(
+          shape=scenes.SHAPES[rng.integers(len(scenes.SHAPES))],
+          colour=list(scenes.COLOURS)[rng.integers(len(scenes.COLOURS))],
+          texture=scenes.TEXTURES[rng.integers(len(scenes.TEXTURES))],
+          size=list(scenes.SIZES)[rng.integers(len(scenes.SIZES))],
+          centre=tuple(float(v) for v in rng.uniform(0, scenes.IMAGE_SIZE, 2)), radius=10.0,
+          angle=0.0, rgb=(0, 0, 0), rgb2=(0, 0, 0)))
+    rels = [scenes.relation(a, b) for a, b in zip(objs, objs[1:])]
+    out.append(scenes.grounded_caption(objs, rels)[0])
+  return out
 
-  Deterministic for a given caption list (one training thread, no sampling).
+
+def train_tokenizer(out_dir: str, captions: Iterable[str] | None = None,
+                    vocab_size: int = DEFAULT_VOCAB_SIZE) -> LlamaSlowTokenizer:
+  """Trains the SentencePiece model on prompt + vocabulary + captions (default:
+  `grammar_captions()`) and writes `tokenizer.model`, `added_tokens.json`,
+  `special_tokens_map.json`, `tokenizer_config.json`.
+
+  Deterministic (one training thread, no sampling): the same files every time.
   """
   prompt = gcg_prompt_text(GCG_INSTRUCTION)
   corpus = _pieces(prompt) + vocabulary_corpus()
-  for c in captions:
+  for c in (grammar_captions() if captions is None else captions):
     corpus += _pieces(c)
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
@@ -102,9 +130,3 @@ def train_tokenizer(captions: Iterable[str], out_dir: str,
     os.replace(tmp, path)
   from eval.tokenizer import load_tokenizer
   return load_tokenizer(out_dir)
-
-
-def encode_answer(tokenizer: LlamaSlowTokenizer, prompt_ids: Sequence[int], answer: str) -> list[int]:
-  """Answer ids that continue `prompt_ids` (no BOS, EOS appended): the llava_v1 conversation
-  `prompt + " " + answer + "</s>"`, split at the assistant turn as LLaVA's training does."""
-  return tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_id]

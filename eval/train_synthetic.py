@@ -50,7 +50,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from eval.glamm_losses import mask_iou, mask_losses, token_cross_entropy
-from eval.synthetic_data import SyntheticGCGData, prefetch_batches
+from eval.synthetic_data import (SyntheticGCGData, clip_normalize, prefetch_batches,
+                                 sam_normalize)
 from eval.tokenizer import load_tokenizer
 from models.clip.config import CLIPVisionConfig
 from models.glamm.config import GLaMMConfig
@@ -145,7 +146,7 @@ class SyntheticTrainConfig:
                 sam_global_attn=(0,), seg_dim=16, sam_decoder_mlp=32, sam_decoder_heads=2,
                 sam_decoder_depth=1,
                 compute_dtype="float32", fast_compile=True, batch_size=2, steps=30, warmup_steps=3, peak_lr=3e-3,
-                log_every=1, eval_every=10, eval_examples=2, ckpt_every=10, data_workers=2)
+                log_every=1, eval_every=10, eval_examples=2, ckpt_every=10, data_workers=0)
     return cls(**{**base, **overrides})
 
   def glamm_config(self, vocab_size: int) -> GLaMMConfig:
@@ -256,10 +257,12 @@ class StepStatics:
 
 def compute_losses(model: GLaMM, batch: dict, st: StepStatics) -> tuple[jax.Array, dict]:
   """GLaMM's training loss of one batch (see eval/synthetic_data.py for the arrays)."""
-  logits, hidden = model.forward(batch["input_ids"], batch["visual_mask"], batch["clip_pixels"])
+  clip_pixels = clip_normalize(batch["clip_image"]).astype(model.config.vision.dtype)
+  logits, hidden = model.forward(batch["input_ids"], batch["visual_mask"], clip_pixels)
   ce = token_cross_entropy(logits, batch["targets"], batch["loss_weight"])
   seg_hidden = jnp.take_along_axis(hidden, batch["seg_index"][..., None], axis=1)   # [B,K,D]
-  low_res = model.decode_masks(seg_hidden, model.sam_embed(batch["sam_pixels"]))    # [B,K,4h,4w]
+  sam_pixels = sam_normalize(batch["sam_image"], st.sam_input_size)
+  low_res = model.decode_masks(seg_hidden, model.sam_embed(sam_pixels))             # [B,K,4h,4w]
   mask_logits = model.postprocess_masks(low_res, st.sam_input_size, st.image_size)  # [B,K,H,W]
   bce, dice = mask_losses(mask_logits, batch["masks"], batch["seg_valid"])
   loss = st.ce_weight * ce + st.bce_weight * bce + st.dice_weight * dice
@@ -441,8 +444,11 @@ def _prepare_workdir(workdir: str, data_root: str, cfg: SyntheticTrainConfig, vo
 
 
 def train(cfg: SyntheticTrainConfig, data_root: str, workdir: str, *,
-          stop_after: int | None = None, plot: bool = True, verbose: bool = True) -> dict:
-  """Trains (or resumes) to `cfg.steps`, or stops after step `stop_after` (an interruption).
+          stop_after: int | None = None, time_limit_s: float | None = None, plot: bool = True,
+          verbose: bool = True) -> dict:
+  """Trains (or resumes) to `cfg.steps`, or stops after step `stop_after` (an interruption), or
+  at the first step that ends `time_limit_s` seconds after the start (checkpointed, so a later
+  call continues; this fits a long run into time-limited sessions).
 
   Returns {"step", "state", "graphdef", "last_train", "last_val"}.
   """
@@ -454,7 +460,7 @@ def train(cfg: SyntheticTrainConfig, data_root: str, workdir: str, *,
             num_visual_tokens=glamm_cfg.num_visual_tokens, max_masks=cfg.max_masks,
             max_answer_tokens=cfg.max_answer_tokens)
   train_data = SyntheticGCGData(data_root, "train", tokenizer, **kw)
-  val_data = SyntheticGCGData(data_root, "val", tokenizer, **kw)
+  val_data = SyntheticGCGData(data_root, "val", tokenizer, **kw) if cfg.eval_every else None
   st = StepStatics(cfg.ce_weight, cfg.bce_weight, cfg.dice_weight, train_data.sam_input_size(),
                    train_data.image_hw)
 
@@ -480,17 +486,20 @@ def train(cfg: SyntheticTrainConfig, data_root: str, workdir: str, *,
   schedule = lr_schedule(cfg)
   last_train, last_val = None, None
   t0, seen = time.time(), 0
+  final = start
   with open(log_path, "a") as log:
     def write(row):
       log.write(json.dumps(row) + "\n")
       log.flush()
 
     for step, batch in prefetch_batches(train_data, cfg.batch_size, start, end, cfg.seed,
-                                        workers=cfg.data_workers):
+                                        workers=cfg.data_workers,
+                                        tokenizer_dir=os.path.join(data_root, "tokenizer")):
       state, aux = train_step(graphdef, state, batch, st, cfg.fast_compile)
-      done = step + 1
+      done = final = step + 1
+      out_of_time = time_limit_s is not None and time.time() - t0 >= time_limit_s
       seen += cfg.batch_size
-      if done % cfg.log_every == 0 or done == end:
+      if done % cfg.log_every == 0 or done == end or out_of_time:
         aux = jax.device_get(aux)
         elapsed = time.time() - t0
         last_train = {"kind": "train", "step": done, "loss": float(aux["loss"]),
@@ -509,18 +518,22 @@ def train(cfg: SyntheticTrainConfig, data_root: str, workdir: str, *,
       if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
         last_val = {"kind": "val", "step": done, **evaluate(graphdef, state, val_data, cfg, st)}
         write(last_val)
-      if done % cfg.ckpt_every == 0 or done == end:
+      if done % cfg.ckpt_every == 0 or done == end or out_of_time:
         save_checkpoint(mngr, done, state, {"step": done, "params": n_params})
         if plot:
           plot_curves(log_path, os.path.join(workdir, "curves.png"))
+      if out_of_time:
+        if verbose:
+          print(f"time limit {time_limit_s} s reached after step {done}", file=sys.stderr)
+        break
   mngr.close()
-  final = max(start, end)
   return {"step": final, "state": state, "graphdef": graphdef, "last_train": last_train,
           "last_val": last_val}
 
 
 def _override(cfg: SyntheticTrainConfig, items: Sequence[str]) -> SyntheticTrainConfig:
-  """`key=value` overrides, parsed with the field's current type."""
+  """`key=value` overrides, parsed with the field's current type, applied together (so that e.g.
+  `steps` and `warmup_steps` are validated as a pair)."""
   changes: dict[str, Any] = {}
   fields = {f.name: f for f in dataclasses.fields(cfg)}
   for item in items:
@@ -534,7 +547,7 @@ def _override(cfg: SyntheticTrainConfig, items: Sequence[str]) -> SyntheticTrain
       changes[key] = value.lower() in ("1", "true", "yes")
     else:
       changes[key] = type(cur)(value)
-  return dataclasses.replace(cfg, **changes)
+  return type(cfg).from_dict({**cfg.to_dict(), **changes})
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -546,15 +559,17 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--batch-size", type=int)
   p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
   p.add_argument("--stop-after", type=int, help="stop after this step (as if interrupted)")
+  p.add_argument("--time-limit", type=float, help="checkpoint and stop after this many seconds")
   p.add_argument("--no-plot", action="store_true")
   a = p.parse_args(argv)
-  cfg = PRESETS[a.preset]()
+  items = list(a.set)
   if a.steps is not None:
-    cfg = dataclasses.replace(cfg, steps=a.steps)
+    items.append(f"steps={a.steps}")
   if a.batch_size is not None:
-    cfg = dataclasses.replace(cfg, batch_size=a.batch_size)
-  cfg = _override(cfg, a.set)
-  out = train(cfg, a.data, a.workdir, stop_after=a.stop_after, plot=not a.no_plot)
+    items.append(f"batch_size={a.batch_size}")
+  cfg = _override(PRESETS[a.preset](), items)
+  out = train(cfg, a.data, a.workdir, stop_after=a.stop_after, time_limit_s=a.time_limit,
+              plot=not a.no_plot)
   print(json.dumps({"step": out["step"], "last_train": out["last_train"],
                     "last_val": out["last_val"]}))
 

@@ -178,6 +178,15 @@ def test_interrupted_write_resumes_to_identical_files(dataset, tmp_path):
     scenes.write_dataset(out, {"val": 3}, seed=8, progress=False, tokenizer=False)
 
 
+def test_tokenizer_is_the_same_for_every_dataset(dataset, tmp_path):
+  from eval.synthetic_tokenizer import train_tokenizer
+  train_tokenizer(str(tmp_path / "tok"))
+  for name in ("tokenizer.model", "added_tokens.json", "special_tokens_map.json",
+               "tokenizer_config.json"):
+    assert filecmp.cmp(str(tmp_path / "tok" / name), os.path.join(dataset, "tokenizer", name),
+                       shallow=False), name
+
+
 def test_tokenizer_loads_like_glamms(dataset):
   tok = load_tokenizer(os.path.join(dataset, "tokenizer"))
   size = tok.sp_size

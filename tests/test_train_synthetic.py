@@ -25,7 +25,9 @@ from pycocotools import mask as mask_utils
 from eval import scenes
 from eval.glamm_losses import mask_losses, token_cross_entropy
 from eval.prompt import build_gcg_prompt
-from eval.synthetic_data import SyntheticGCGData, step_indices
+from eval.preprocess import clip_preprocess, load_image, sam_preprocess
+from eval.synthetic_data import (SyntheticGCGData, clip_normalize, clip_resize_crop,
+                                 prefetch_batches, sam_normalize, sam_resize_pad, step_indices)
 from eval.tokenizer import load_tokenizer, seg_token_id
 from eval.train_synthetic import SyntheticTrainConfig, _override, evaluate, train
 
@@ -103,7 +105,21 @@ def test_example_layout(data_root):
     assert np.all(np.diff(seg) > 0)
     np.testing.assert_array_equal(ex["masks"][:n].astype(bool), s.masks)
     assert not ex["masks"][n:].any()
-    assert ex["clip_pixels"].shape == (56, 56, 3) and ex["sam_pixels"].shape == (96, 96, 3)
+    # uint8 images finished on the device equal the evaluation preprocessors.
+    image = load_image(os.path.join(data_root, "GranDf_HA_images", "train",
+                                    f"syn_train_{i:06d}.jpg"))
+    np.testing.assert_allclose(np.asarray(clip_normalize(ex["clip_image"])),
+                               clip_preprocess(image, 56), atol=2e-6)
+    sam_ref, hw = sam_preprocess(image, 96)
+    np.testing.assert_allclose(np.asarray(sam_normalize(ex["sam_image"], hw)), sam_ref,
+                               atol=2e-6)
+  # A non-square image: SAM's padding is zero after normalisation.
+  wide = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+  sam_ref, hw = sam_preprocess(wide, 96)
+  np.testing.assert_allclose(np.asarray(sam_normalize(sam_resize_pad(wide, 96), hw)), sam_ref,
+                             atol=2e-6)
+  np.testing.assert_allclose(np.asarray(clip_normalize(clip_resize_crop(wide, 56))),
+                             clip_preprocess(wide, 56), atol=2e-6)
   with pytest.raises(ValueError, match="max_answer_tokens"):
     SyntheticGCGData(data_root, "train", tok, clip_size=56, sam_size=96, num_visual_tokens=16,
                      max_answer_tokens=5).example(0)
@@ -116,6 +132,20 @@ def test_batches_are_a_function_of_seed_and_step():
   flat = np.concatenate(a)
   assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
   assert not np.array_equal(step_indices(10, 4, 0, seed=4), a[0])
+
+
+def test_worker_processes_give_the_same_batches(data_root):
+  tok = load_tokenizer(os.path.join(data_root, "tokenizer"))
+  data = SyntheticGCGData(data_root, "train", tok, clip_size=56, sam_size=96,
+                          num_visual_tokens=16)
+  got = list(prefetch_batches(data, 3, 2, 4, seed=5, workers=2,
+                              tokenizer_dir=os.path.join(data_root, "tokenizer")))
+  assert [s for s, _ in got] == [2, 3]
+  for step, batch in got:
+    ref = data.batch(step_indices(len(data), 3, step, seed=5))
+    assert batch.keys() == ref.keys()
+    for k in ref:
+      np.testing.assert_array_equal(batch[k], ref[k])
 
 
 def _train_rows(workdir):
@@ -152,6 +182,10 @@ def test_training_lowers_the_loss_and_resumes_exactly(data_root, tmp_path):
   with open(os.path.join(wb, "curves.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert sorted(os.listdir(os.path.join(wb, "checkpoints")))[-2:] == ["4", "8"]
+  # A time limit stops at the first step past it, checkpointed.
+  wc = str(tmp_path / "c")
+  assert train(cfg, data_root, wc, time_limit_s=0.0, plot=False, verbose=False)["step"] == 1
+  assert os.listdir(os.path.join(wc, "checkpoints")) == ["1"]
   with pytest.raises(ValueError, match="another configuration"):
     train(dataclasses.replace(cfg, peak_lr=1e-2), data_root, wb, plot=False, verbose=False)
 
