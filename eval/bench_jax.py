@@ -1,0 +1,449 @@
+"""The JAX half of `eval.bench` (issue 5): GLaMM-7B GCG in this repo, random bf16 weights.
+
+Per batch it times (median of repeats after a warm-up call, `block_until_ready`): CLIP features,
+mm_projector, the SAM image encoder, the mask decoder (per [SEG]); and per (method, reduction):
+the LLM prefill, one decode step (stage caches from that prefill, donated) and end-to-end GCG
+(`eval.gcg.gcg_forward`: CLIP -> pruning -> prefill -> `while_loop` decode of a fixed number of
+tokens -> [SEG] states -> masks). Every program is compiled ahead of time once (`jit.lower(...)
+.compile()`), the programs of one batch in parallel threads, and then timed one after another.
+
+End to end, `--e2e split` (default) runs the SAM encoder program and the GCG program back to back
+and blocks once at the end (the SAM encoder depends on no method, so it is compiled once per
+batch instead of once per method); `--e2e fused` compiles SAM into each GCG program. The SAM
+encoder runs in chunks of `--sam-chunk` images (`lax.map`) so its global-attention logits stay
+bounded at large batches.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from eval import bench_common as common
+from eval import bench_flops as flops
+from eval.bench_llm_decode import _copy_bandwidth, _nbytes
+
+
+def _sync(x):
+  return jax.block_until_ready(x)
+
+
+def matmul_rate(n: int, repeats: int) -> float:
+  """bf16 n^3 matmul FLOP/s (random operands, never zeros)."""
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (n, n), jnp.bfloat16)
+  b = jax.random.normal(kb, (n, n), jnp.bfloat16)
+  mm = jax.jit(lambda x, y: x @ y)
+  ms = common.median_ms(lambda: mm(a, b), _sync, repeats)["ms"]
+  return 2 * n ** 3 / (ms / 1e3)
+
+
+def build_model(config):
+  """GLaMM with random bf16 parameters made on the default device, leaf by leaf.
+
+  Matrices (ndim >= 2: kernels, embeddings, positional tables) are N(0, 0.02^2), as HF's
+  `initializer_range`; vectors are ones (norm scales) or zeros (biases). One jitted program
+  makes them all from one random draw (see `make`).
+  """
+  from models.glamm.modeling import GLaMM
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GLaMM(config, rngs=nnx.Rngs(0))))
+  leaves, treedef = jax.tree.flatten_with_path(abstract)
+  kinds = []
+  for path, leaf in leaves:
+    name = str(path[-2]) if len(path) > 1 else ""
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+      kinds.append("zeros")
+    elif len(leaf.shape) >= 2:
+      kinds.append("normal")
+    else:
+      kinds.append("zeros" if "bias" in name else "ones")
+
+  sizes = [int(np.prod(leaf.shape)) for _, leaf in leaves]
+  pool = max(sizes) + 65536
+
+  @jax.jit
+  def make(key):
+    # One draw, sliced at a different offset per leaf: a single random op compiles in seconds
+    # where one draw per leaf costs minutes of XLA compilation (leaves overlap in values, which
+    # timing does not notice).
+    base = (0.02 * jax.random.normal(key, (pool,), jnp.float32)).astype(jnp.bfloat16)
+    out = []
+    for i, ((_, leaf), kind, size) in enumerate(zip(leaves, kinds, sizes)):
+      if kind == "normal":
+        off = (i * 7919) % (pool - size + 1)
+        out.append(jax.lax.slice(base, (off,), (off + size,)).reshape(leaf.shape))
+      elif kind == "zeros":
+        floating = jnp.issubdtype(leaf.dtype, jnp.floating)
+        out.append(jnp.zeros(leaf.shape, jnp.bfloat16 if floating else leaf.dtype))
+      else:
+        out.append(jnp.ones(leaf.shape, jnp.bfloat16))
+    return out
+  return graphdef, jax.tree.unflatten(treedef, make(jax.random.key(0)))
+
+
+class _Proxy:
+  """The model with `sam_embed` replaced (precomputed embedding, or the chunked encoder)."""
+
+  def __init__(self, model, sam_embed):
+    self._model, self._sam_embed = model, sam_embed
+
+  def __getattr__(self, name):
+    return getattr(self._model, name)
+
+  def sam_embed(self, pixels):
+    return self._sam_embed(pixels)
+
+
+def chunked_sam(model, pixels, chunk: int):
+  """SAM image encoder over [B,...] in sequential chunks of `chunk` images."""
+  b = pixels.shape[0]
+  c = int(np.gcd(b, chunk))
+  if c == b:
+    return model.sam_embed(pixels)
+  out = jax.lax.map(model.sam_embed, pixels.reshape((b // c, c) + pixels.shape[1:]))
+  return out.reshape((b,) + out.shape[2:])
+
+
+def make_inputs(config, lay, b, seed=0):
+  """Device inputs of one batch: smooth random images (CLIP, [0,1] copy for device SLIC), random
+  SAM pixels, random prompt ids with N visual slots at `lay.offset`."""
+  s, n, t = config.vision.image_size, lay.num_visual, lay.prompt_len
+  sam_size = config.sam.image_encoder.img_size
+
+  @jax.jit
+  def make(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    im = jax.random.uniform(k1, (b, 12, 12, 3))
+    im01 = jax.image.resize(im, (b, s, s, 3), "linear")
+    clip_px = ((im01 - 0.45) / 0.27).astype(jnp.bfloat16)
+    sam_px = jax.random.normal(k2, (b, sam_size, sam_size, 3), jnp.bfloat16)
+    ids = jax.random.randint(k3, (b, t), 3, config.llm.vocab_size - 8, jnp.int32)
+    slot = jnp.arange(t)
+    vmask = jnp.broadcast_to((slot >= lay.offset) & (slot < lay.offset + n), (b, t))
+    return dict(images01=im01, clip_px=clip_px, sam_px=sam_px, ids=ids,
+                valid=jnp.ones((b, t), bool), vmask=vmask)
+  return make(jax.random.key(seed))
+
+
+def _memory(compiled) -> dict:
+  try:
+    m = compiled.memory_analysis()
+    return dict(program_gb=(m.temp_size_in_bytes + m.argument_size_in_bytes
+                            + m.output_size_in_bytes - m.alias_size_in_bytes) / 1e9)
+  except Exception:  # noqa: BLE001 - not every backend reports it
+    return {}
+
+
+def _peak_gb():
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use", 0) / 1e9 or None
+
+
+def compile_many(lowerings: dict, workers: int) -> dict:
+  """name -> (compiled, seconds) for name -> (lowering thunk); lowering (tracing) runs in the
+  caller's thread, XLA compilation in `workers` threads."""
+  lowered = {}
+  t_lower = {}
+  for name, thunk in lowerings.items():
+    t0 = time.perf_counter()
+    lowered[name] = thunk()
+    t_lower[name] = time.perf_counter() - t0
+
+  def comp(name):
+    t0 = time.perf_counter()
+    return name, lowered[name].compile(), time.perf_counter() - t0
+  out = {}
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+    for name, c, sec in pool.map(comp, lowered):
+      out[name] = (c, t_lower[name] + sec)
+  return out
+
+
+class Bench:
+  """Holds the model and builds the programs of one batch."""
+
+  def __init__(self, config, lay, args):
+    self.config, self.lay, self.args = config, lay, args
+    t0 = time.perf_counter()
+    self.graphdef, self.state = build_model(config)
+    _sync(self.state)
+    self.init_s = time.perf_counter() - t0
+    self.model_bytes = _nbytes(self.state)
+    llm_state = nnx.state(nnx.merge(self.graphdef, self.state).llm)
+    self.non_llm_bytes = self.model_bytes - _nbytes(llm_state)
+
+  def model(self, state):
+    return nnx.merge(self.graphdef, state)
+
+  # -- program builders (each returns a thunk giving a `Lowered`) --------------------------------
+
+  def lower_components(self, x):
+    cfg, lay, st = self.config, self.lay, self.state
+    b = x["ids"].shape[0]
+    sel = cfg.vision_select_layer
+    out = {}
+    out["clip"] = lambda: jax.jit(
+        lambda s, p: self.model(s).vision_tower.features(p, select_layer=sel)).lower(
+            st, x["clip_px"])
+    feats = jax.ShapeDtypeStruct((b, lay.num_visual, cfg.vision.hidden_size), jnp.bfloat16)
+    out["projector"] = lambda: jax.jit(lambda s, f: self.model(s).mm_projector(f)).lower(st, feats)
+    out["sam_encoder"] = lambda: jax.jit(
+        lambda s, p: chunked_sam(self.model(s), p, self.args.sam_chunk)).lower(st, x["sam_px"])
+    g = cfg.sam.image_encoder.grid_size
+    emb = jax.ShapeDtypeStruct((b, g, g, cfg.sam.image_encoder.out_chans), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((b, lay.segs, cfg.llm.hidden_size), jnp.bfloat16)
+    out["mask_decoder"] = lambda: jax.jit(
+        lambda s, h, e: self.model(s).decode_masks(h, e).astype(jnp.float32)).lower(st, seg, emb)
+    return out
+
+  def options(self, method, reduction):
+    from eval.gcg import GCGOptions, PruneConfig
+    from models import generate as gen
+    cfg = self.config
+    prune = PruneConfig(method=method, keep_ratio=1.0 - reduction,
+                        superpixels="device") if method != "none" else PruneConfig()
+    return GCGOptions(prune=prune,
+                      sampler=gen.SamplerConfig(max_new_tokens=self.lay.new_tokens,
+                                                ignore_eos=True),
+                      seg_id=min(32004, cfg.llm.vocab_size - 1), max_segs=self.lay.segs,
+                      grid=(cfg.vision.grid, cfg.vision.grid))
+
+  def lower_e2e(self, x, method, reduction):
+    from eval.gcg import gcg_forward
+    opts = self.options(method, reduction)
+    fused = self.args.e2e == "fused"
+    chunk = self.args.sam_chunk
+    b = x["ids"].shape[0]
+    g = self.config.sam.image_encoder.grid_size
+    emb = jax.ShapeDtypeStruct((b, g, g, self.config.sam.image_encoder.out_chans), jnp.bfloat16)
+
+    def fn(s, ids, valid, vmask, clip_px, sam_in, images01, rng):
+      m = self.model(s)
+      sam = (lambda p: chunked_sam(m, p, chunk)) if fused else (lambda _: sam_in)
+      out = gcg_forward(_Proxy(m, sam), ids, valid, vmask, clip_px, sam_in, None,
+                        images01 if method == "altp" else None, rng, options=opts)
+      return out
+    return lambda: jax.jit(fn).lower(self.state, x["ids"], x["valid"], x["vmask"], x["clip_px"],
+                                     x["sam_px"] if fused else emb, x["images01"],
+                                     jax.random.key(0))
+
+  def llm_inputs(self, b, method, reduction):
+    """(plan, embeds, positions, valid, visual_mask) shapes for the method's LLM input."""
+    plan, t_in, n_in, _ = common.prune_plan(self.config, method, reduction, self.lay.prompt_len)
+    d = self.config.llm.hidden_size
+    slot = jnp.arange(t_in)
+    vmask = jnp.broadcast_to((slot >= self.lay.offset) & (slot < self.lay.offset + n_in),
+                             (b, t_in))
+    embeds = (0.02 * jax.random.normal(jax.random.key(1), (b, t_in, d))).astype(jnp.bfloat16)
+    pos = jnp.broadcast_to(jnp.arange(t_in, dtype=jnp.int32), (b, t_in))
+    return plan, embeds, pos, jnp.ones((b, t_in), bool), vmask
+
+  def lower_llm(self, b, method, reduction):
+    from models import generate as gen
+    plan, embeds, pos, valid, vmask = self.llm_inputs(b, method, reduction)
+    new = self.lay.new_tokens
+    lengths = plan.stage_lengths(embeds.shape[1])
+
+    def prefill(s, e, p, v, vm):
+      caches, _, hidden, next_pos, _ = gen._prefill(self.model(s).llm, e, p, v, vm, plan, new)
+      return caches, hidden, next_pos
+
+    def step(s, token, caches, next_pos):
+      llm = self.model(s).llm
+      h, caches = gen._decode_step(llm, token, caches, next_pos, lengths, 1)
+      return jnp.argmax(llm.logits(h[:, None])[:, 0], -1).astype(jnp.int32), caches
+
+    out_shape = jax.eval_shape(prefill, self.state, embeds, pos, valid, vmask)
+    token = jax.ShapeDtypeStruct((b,), jnp.int32)
+    data = dict(embeds=embeds, pos=pos, valid=valid, vmask=vmask, plan=plan, lengths=lengths)
+    return data, {
+        "prefill": lambda: jax.jit(prefill).lower(self.state, embeds, pos, valid, vmask),
+        "decode_step": lambda: jax.jit(step, donate_argnums=2).lower(
+            self.state, token, out_shape[0], out_shape[2])}
+
+
+def run(args, log: common.JsonLog):
+  """Measures everything the arguments select, adding rows to `log` as it goes."""
+  config = common.bench_config(args.tiny)
+  lay = common.layout(config, args.tiny, args.new_tokens, args.segs)
+  dev = jax.devices()[0]
+  log.set("jax", dict(device=str(dev), device_kind=dev.device_kind, platform=dev.platform,
+                      jax=jax.__version__, layout=lay.__dict__, e2e=args.e2e,
+                      sam_chunk=args.sam_chunk))
+  n_mm = 256 if args.tiny else 8192
+  rate = matmul_rate(n_mm, args.repeats)
+  bw = _copy_bandwidth((1 << 20) if args.tiny else (2 << 30), args.repeats)
+  log.set("jax_ceilings", dict(matmul_n=n_mm, matmul_tflops=rate / 1e12, copy_gbps=bw / 1e9))
+  print(f"[jax] ceilings: bf16 matmul {rate / 1e12:.1f} TFLOP/s, copy {bw / 1e9:.0f} GB/s",
+        flush=True)
+
+  bench = Bench(config, lay, args)
+  log.set("jax_model", dict(init_s=bench.init_s, model_gb=bench.model_bytes / 1e9,
+                            non_llm_gb=bench.non_llm_bytes / 1e9))
+  print(f"[jax] model built in {bench.init_s:.1f} s ({bench.model_bytes / 1e9:.2f} GB)",
+        flush=True)
+  combos = [("none", 0.0)] + [(m, r) for m in args.methods if m != "none"
+                              for r in args.reductions]
+  if "none" not in args.methods:
+    combos = combos[1:]
+  llm = config.llm
+  wbytes = flops.llm_weight_bytes(llm)
+
+  def row(**kw):
+    kw = dict(framework="jax", **kw)
+    kw["peak_gb"] = _peak_gb()
+    log.add(kw)
+
+  for b in args.batches:
+    t_batch = time.perf_counter()
+    x = make_inputs(config, lay, b)
+    lowerings = {}
+    if args.components:
+      lowerings.update(bench.lower_components(x))
+    llm_data = {}
+    for method, red in combos:
+      key = (method, red)
+      lowerings[("e2e",) + key] = bench.lower_e2e(x, method, red)
+      if args.components:
+        data, lw = bench.lower_llm(b, method, red)
+        llm_data[key] = data
+        for name, thunk in lw.items():
+          lowerings[(name,) + key] = thunk
+    if args.e2e == "split" and "sam_encoder" not in lowerings:
+      lowerings["sam_encoder"] = bench.lower_components(x)["sam_encoder"]
+    print(f"[jax] batch {b}: compiling {len(lowerings)} programs", flush=True)
+    progs = compile_many(lowerings, args.compile_workers)
+    print(f"[jax] batch {b}: compiled in {time.perf_counter() - t_batch:.1f} s", flush=True)
+    st = bench.state
+    sam_c = progs["sam_encoder"][0]
+    emb = sam_c(st, x["sam_px"])
+
+    if args.components:
+      c, sec = progs["clip"]
+      feats = c(st, x["clip_px"])[0]
+      p = flops.clip_flops(config.vision, config.vision.num_layers - 1)
+      t = common.median_ms(lambda: c(st, x["clip_px"]), _sync, args.repeats)
+      row(what="clip", batch=b, **t, compile_s=sec, gflop_per_image=p / 1e9,
+          **flops.fractions(p * b, 0, t["ms"] / 1e3, rate, bw), **_memory(c))
+      c, sec = progs["projector"]
+      p = flops.projector_flops(lay.num_visual, config.vision.hidden_size, llm.hidden_size)
+      t = common.median_ms(lambda: c(st, feats), _sync, args.repeats)
+      row(what="projector", batch=b, **t, compile_s=sec, gflop_per_image=p / 1e9,
+          **flops.fractions(p * b, 0, t["ms"] / 1e3, rate, bw), **_memory(c))
+      p = flops.sam_encoder_flops(config.sam.image_encoder)
+      t = common.median_ms(lambda: sam_c(st, x["sam_px"]), _sync, args.repeats)
+      row(what="sam_encoder", batch=b, **t, compile_s=progs["sam_encoder"][1],
+          gflop_per_image=p / 1e9, **flops.fractions(p * b, 0, t["ms"] / 1e3, rate, bw),
+          **_memory(sam_c))
+      c, sec = progs["mask_decoder"]
+      seg = (0.5 * jax.random.normal(jax.random.key(2), (b, lay.segs, llm.hidden_size))
+             ).astype(jnp.bfloat16)
+      p = flops.mask_decoder_flops(config.sam)
+      t = common.median_ms(lambda: c(st, seg, emb), _sync, args.repeats)
+      row(what="mask_decoder", batch=b, segs=lay.segs, **t,
+          ms_per_seg=t["ms"] / (b * lay.segs), compile_s=sec, gflop_per_seg=p / 1e9,
+          **flops.fractions(p * b * lay.segs, 0, t["ms"] / 1e3, rate, bw), **_memory(c))
+
+    for method, red in combos:
+      key = (method, red)
+      plan, t_in, n_in, k = common.prune_plan(config, method, red, lay.prompt_len)
+      lengths = plan.stage_lengths(t_in)
+      kv = flops.kv_cache_bytes(llm, plan.bounds, lengths, lay.new_tokens, b)
+      tag = dict(method=method, reduction=red, visual_kept=k,
+                 visual_avg=round(plan.average_visual_retention() * n_in, 1),
+                 llm_tokens=t_in, batch=b, kv_cache_gb=kv / 1e9)
+      try:
+        if args.components:
+          d = llm_data[key]
+          c, sec = progs[("prefill",) + key]
+          p = flops.prefill_flops(llm, plan.bounds, lengths)
+          holder = {}
+
+          def run_prefill():
+            holder["out"] = c(st, d["embeds"], d["pos"], d["valid"], d["vmask"])
+            return holder["out"][1]
+          t = common.median_ms(run_prefill, _sync, args.repeats)
+          row(what="prefill", **tag, **t, compile_s=sec, gflop_per_image=p / 1e9,
+              **flops.fractions(p * b, wbytes, t["ms"] / 1e3, rate, bw), **_memory(c))
+          c2, sec = progs[("decode_step",) + key]
+          caches, _, next_pos = holder.pop("out")
+          box = {"caches": caches}
+          tok = jnp.full((b,), 5, jnp.int32)
+
+          def run_step():
+            nxt, box["caches"] = c2(st, tok, box["caches"], next_pos)
+            return nxt
+          t = common.median_ms(run_step, _sync, args.repeats)
+          p = flops.decode_step_flops(llm, plan.bounds, lengths, 1)
+          nbytes = wbytes + kv
+          row(what="decode_step", **tag, **t, compile_s=sec, floor_ms=nbytes / bw * 1e3,
+              **flops.fractions(p * b, nbytes, t["ms"] / 1e3, rate, bw), **_memory(c2))
+          del box, caches
+        c, sec = progs[("e2e",) + key]
+        sam_s = 0.0 if args.e2e == "fused" else progs["sam_encoder"][1]
+        t = _time_e2e(c, sam_c, st, x, args)
+        gf = flops.gcg_flops(config, plan.bounds, lengths, lay.new_tokens, lay.segs,
+                             num_visual_projected=lay.num_visual)
+        nbytes = (bench.non_llm_bytes + lay.new_tokens * wbytes
+                  + lay.new_tokens * kv)   # weights once per pass, the cache once per step
+        row(what="e2e", **tag, **t, images_per_s=b / (t["ms"] / 1e3),
+            ms_per_image=t["ms"] / b, compile_s=sec + sam_s, new_tokens=lay.new_tokens,
+            segs=lay.segs, gflop_per_image=gf["total"] / 1e9,
+            **flops.fractions(gf["total"] * b, nbytes, t["ms"] / 1e3, rate, bw), **_memory(c))
+      except Exception as e:  # noqa: BLE001 - record the failure (e.g. out of memory) and go on
+        row(what="error", **tag, error=f"{type(e).__name__}: {str(e)[:300]}", oom=common.is_oom(e))
+    del progs, x, emb
+    print(f"[jax] batch {b} done in {time.perf_counter() - t_batch:.1f} s", flush=True)
+
+  if args.search:
+    search_max_batch(bench, config, lay, args, combos, log, row)
+
+
+def _time_e2e(c, sam_c, st, x, args, repeats=None):
+  if args.e2e == "fused":
+    fn = lambda: c(st, x["ids"], x["valid"], x["vmask"], x["clip_px"], x["sam_px"],  # noqa: E731
+                   x["images01"], jax.random.key(0))
+  else:
+    fn = lambda: c(st, x["ids"], x["valid"], x["vmask"], x["clip_px"],  # noqa: E731
+                   sam_c(st, x["sam_px"]), x["images01"], jax.random.key(0))
+  return common.median_ms(fn, _sync, repeats or args.e2e_repeats)
+
+
+def search_max_batch(bench, config, lay, args, combos, log, row):
+  """Doubles the batch from 2 x the largest requested one until a program runs out of memory or
+  `--search-cap-s` seconds have passed (per method), timing end-to-end GCG at each size."""
+  wanted = [(m, r) for m, r in combos if (m == "none" or r == max(args.reductions))]
+  for method, red in wanted:
+    t0 = time.perf_counter()
+    b = 2 * max(args.batches)
+    best = None
+    while time.perf_counter() - t0 < args.search_cap_s:
+      print(f"[jax] search {method}@{red}: batch {b}", flush=True)
+      try:
+        x = make_inputs(config, lay, b)
+        lw = {"e2e": bench.lower_e2e(x, method, red)}
+        if args.e2e == "split":
+          lw["sam_encoder"] = bench.lower_components(x)["sam_encoder"]
+        progs = compile_many(lw, args.compile_workers)
+        c = progs["e2e"][0]
+        sam_c = progs.get("sam_encoder", (None,))[0]
+        t = _time_e2e(c, sam_c, bench.state, x, args, repeats=max(1, args.e2e_repeats // 2))
+        best = dict(batch=b, ms=t["ms"], images_per_s=b / (t["ms"] / 1e3))
+        row(what="search", method=method, reduction=red, batch=b, **t,
+            images_per_s=b / (t["ms"] / 1e3), **_memory(c))
+        del progs, x
+      except Exception as e:  # noqa: BLE001
+        row(what="search_stop", method=method, reduction=red, batch=b,
+            error=f"{type(e).__name__}: {str(e)[:300]}", oom=common.is_oom(e))
+        break
+      b *= 2
+    row(what="max_batch", method=method, reduction=red,
+        largest_batch=None if best is None else best["batch"],
+        images_per_s=None if best is None else best["images_per_s"],
+        searched_s=time.perf_counter() - t0)

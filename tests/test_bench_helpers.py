@@ -1,0 +1,145 @@
+"""The benchmark's analytic FLOP / byte formulas (`eval/bench_flops.py`) against the modules'
+actual parameter shapes and the caches `generate` allocates, and the benchmark's pruning plans."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from eval import bench_common as common
+from eval import bench_flops as flops
+from models import generate as gen
+from models.clip.config import CLIPVisionConfig
+from models.clip.modeling import CLIPVisionModel
+from models.glamm.config import GLaMMConfig
+from models.llama.config import LlamaConfig
+from models.llama.modeling import LlamaForCausalLM
+from models.sam.config import SamImageEncoderConfig
+from models.sam.image_encoder import ImageEncoder
+
+
+def _sizes(module, prefix=()):
+  """{path: size} of every parameter of an abstract module."""
+  return {tuple(str(p) for p in path): math.prod(v.shape)
+          for path, v in nnx.state(module, nnx.Param).flat_state()}
+
+
+def _layer_kernel_params(sizes, *prefix):
+  n = len(prefix)
+  return sum(s for path, s in sizes.items()
+             if path[:n] == prefix and path[-1] == "kernel")
+
+
+@pytest.fixture(scope="module")
+def gqa_llama():
+  cfg = LlamaConfig.tiny(num_kv_heads=2, num_layers=3)
+  return cfg, _sizes(nnx.eval_shape(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))))
+
+
+def test_llm_linear_flops_are_twice_the_layer_kernels(gqa_llama):
+  cfg, sizes = gqa_llama
+  per_layer = _layer_kernel_params(sizes, "layers", "0")
+  assert per_layer > 0
+  assert flops.llm_linear_flops_per_token_layer(cfg) == 2 * per_layer
+
+
+def test_llm_weight_bytes_are_all_parameters_but_the_embedding(gqa_llama):
+  cfg, sizes = gqa_llama
+  total = sum(sizes.values())
+  embed = sum(s for p, s in sizes.items() if p[0] == "embed_tokens")
+  assert flops.llm_weight_bytes(cfg, bytes_per_value=2) == 2 * (total - embed)
+
+
+def test_prefill_and_decode_attention_terms():
+  cfg = LlamaConfig.tiny()
+  lin = flops.llm_linear_flops_per_token_layer(cfg)
+  hd = cfg.num_heads * cfg.head_dim
+  head = 2 * cfg.hidden_size * cfg.vocab_size
+  bounds, lengths = ((0, 1), (1, 4)), (3, 2)
+  # Stage 0: 3 tokens, causal pairs 1 + 2 + 3; stage 1: 2 tokens, pairs 1 + 2.
+  want = 1 * (3 * lin + 4 * hd * 6) + 3 * (2 * lin + 4 * hd * 3) + head
+  assert flops.prefill_flops(cfg, bounds, lengths) == want
+  # Step j attends to t_s + j keys in every stage.
+  step2 = 1 * (lin + 4 * hd * 5) + 3 * (lin + 4 * hd * 4) + head
+  assert flops.decode_step_flops(cfg, bounds, lengths, 2) == step2
+  g = 4
+  assert flops.generate_flops(cfg, bounds, lengths, g) == flops.prefill_flops(
+      cfg, bounds, lengths) + sum(flops.decode_step_flops(cfg, bounds, lengths, j)
+                                  for j in range(1, g))
+
+
+def test_clip_flops_match_the_kernels():
+  cfg = CLIPVisionConfig.tiny()
+  sizes = _sizes(nnx.eval_shape(lambda: CLIPVisionModel(cfg, rngs=nnx.Rngs(0))))
+  num_p = (cfg.image_size // cfg.patch_size) ** 2
+  n = num_p + 1
+  patch = _layer_kernel_params(sizes, "embeddings")
+  layer = _layer_kernel_params(sizes, "encoder", "layers", "0")
+  assert flops.clip_flops(cfg, 0) == 2 * num_p * patch
+  attn = 4 * n * n * cfg.hidden_size
+  assert flops.clip_flops(cfg, 2) - flops.clip_flops(cfg, 1) == 2 * n * layer + attn
+
+
+def test_sam_encoder_flops_match_the_kernels_and_window_padding():
+  # 6x6 grid, window 4 pads to 8x8 (4 windows); block 1 is global.
+  cfg = SamImageEncoderConfig(img_size=96, patch_size=16, embed_dim=32, depth=2, num_heads=2,
+                              out_chans=16, window_size=4, global_attn_indexes=(1,))
+  sizes = _sizes(nnx.eval_shape(lambda: ImageEncoder(cfg, rngs=nnx.Rngs(0))))
+
+  def block(i, part):
+    return _layer_kernel_params(sizes, "blocks", str(i), part)
+  g, e = 6, 32
+  patch = _layer_kernel_params(sizes, "patch_embed")
+  neck = sum(s for p, s in sizes.items() if p[0].startswith("neck_conv"))
+  want = 2 * g * g * patch + 2 * g * g * neck
+  for i, (w, gp) in enumerate([(4, 8), (6, 6)]):
+    want += 2 * gp * gp * block(i, "attn") + 2 * g * g * block(i, "mlp")
+    want += 4 * (gp // w) ** 2 * w ** 4 * e + 4 * gp * gp * w * e
+  assert flops.sam_encoder_flops(cfg) == want
+
+
+def test_kv_cache_bytes_match_what_prefill_allocates():
+  cfg = LlamaConfig.tiny(num_layers=4, num_kv_heads=2, dtype=jnp.bfloat16,
+                         param_dtype=jnp.bfloat16)
+  llm = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+  b, t, n, new = 3, 20, 12, 5
+  plan = gen.PrunePlan(((0, 1), (1, 3), (3, 4)), (n, 6, 2), "fastv")
+  vis = jnp.zeros((b, t), bool).at[:, 2:2 + n].set(True)
+  emb = jax.ShapeDtypeStruct((b, t, cfg.hidden_size), jnp.bfloat16)
+  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+  caches = jax.eval_shape(
+      lambda m, e: gen._prefill(m, e, pos, jnp.ones((b, t), bool), vis, plan, new)[0], llm, emb)
+  allocated = sum(np.prod(x.shape) * x.dtype.itemsize
+                  for c in caches for x in list(c.k) + list(c.v))
+  got = flops.kv_cache_bytes(cfg, plan.bounds, plan.stage_lengths(t), new, b, 2)
+  assert got == allocated
+
+
+def test_prune_plans_of_the_benchmark():
+  cfg = GLaMMConfig.glamm_7b()
+  plan, t_in, n_in, k = common.prune_plan(cfg, "altp", 0.9, 640)
+  assert (t_in, n_in, k, plan.visual_counts) == (122, 58, 58, (58,))
+  plan, t_in, n_in, k = common.prune_plan(cfg, "fastv", 0.9, 640)
+  assert (t_in, n_in, k) == (640, 576, 58) and plan.visual_counts == (576, 58)
+  assert plan.bounds == ((0, 2), (2, 32))
+  plan, *_ = common.prune_plan(cfg, "pdrop", 0.75, 640)
+  assert abs(plan.average_visual_retention() - 0.25) < 0.01
+  plan, t_in, n_in, k = common.prune_plan(cfg, "none", 0.0, 640)
+  assert (t_in, k, plan.visual_counts) == (640, 576, (576,))
+
+
+def test_gcg_flops_total_is_the_sum_and_pruning_lowers_it():
+  cfg = GLaMMConfig.glamm_7b()
+  full = common.prune_plan(cfg, "none", 0.0, 640)[0]
+  a = flops.gcg_flops(cfg, full.bounds, full.stage_lengths(640), 64, 8)
+  assert a["total"] == sum(v for k, v in a.items() if k != "total")
+  # 7B parameters, 640 prompt + 63 decoded tokens: about 2 * 6.5e9 * 703 FLOPs in the LLM.
+  assert 0.9e13 < a["prefill"] + a["decode"] < 1.1e13
+  pr = common.prune_plan(cfg, "altp", 0.9, 640)[0]
+  b = flops.gcg_flops(cfg, pr.bounds, pr.stage_lengths(122), 64, 8)
+  assert b["prefill"] < a["prefill"] / 4 and b["clip"] == a["clip"]
