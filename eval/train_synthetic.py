@@ -450,7 +450,7 @@ def train(cfg: SyntheticTrainConfig, data_root: str, workdir: str, *,
   at the first step that ends `time_limit_s` seconds after the start (checkpointed, so a later
   call continues; this fits a long run into time-limited sessions).
 
-  Returns {"step", "state", "graphdef", "last_train", "last_val"}.
+  Returns {"step", "state", "graphdef", "last_train", "last_val", "params"}.
   """
   tokenizer = load_tokenizer(os.path.join(data_root, "tokenizer"))
   vocab = len(tokenizer)
@@ -508,7 +508,7 @@ def train(cfg: SyntheticTrainConfig, data_root: str, workdir: str, *,
                       "token_acc": float(aux["token_correct"]) / max(float(aux["tokens"]), 1.0),
                       "mask_iou": float(aux["iou_sum"]) / max(float(aux["masks"]), 1.0),
                       "lr": float(schedule(step)), "examples_per_s": seen / max(elapsed, 1e-9),
-                      "time": time.time()}
+                      "time": time.time(), "session": t0}
         if not all(math.isfinite(last_train[k]) for k in ("loss", "grad_norm")):
           raise FloatingPointError(f"train_synthetic: non-finite loss at step {done}: {last_train}")
         write(last_train)
@@ -528,7 +528,7 @@ def train(cfg: SyntheticTrainConfig, data_root: str, workdir: str, *,
         break
   mngr.close()
   return {"step": final, "state": state, "graphdef": graphdef, "last_train": last_train,
-          "last_val": last_val}
+          "last_val": last_val, "params": n_params}
 
 
 def _override(cfg: SyntheticTrainConfig, items: Sequence[str]) -> SyntheticTrainConfig:

@@ -201,6 +201,21 @@ def test_training_lowers_the_loss_and_resumes_exactly(data_root, tmp_path):
   assert m["loss"] == pytest.approx(m["ce"] + 2 * m["bce"] + 0.5 * m["dice"], rel=1e-5)
 
 
+def test_gpu_job_driver_on_cpu(tmp_path):
+  """The one-process device job (data + training + summary), at the test's micro settings."""
+  from eval.synthetic_gpu_run import main
+  out = str(tmp_path / "job")
+  summary = main(["--out", out, "--train", "4", "--val", "2", "--test", "2", "--gen-workers",
+                  "1", "--preset", "micro", "--steps", "8", "--time-limit", "600", "--set",
+                  "warmup_steps=2", "eval_every=0", "ckpt_every=4", "log_every=1"])
+  assert summary["steps_done"] == 8 and summary["params"] > 0
+  assert summary["steady_step_time_s"] > 0
+  with open(os.path.join(out, "summary.json")) as f:
+    assert json.load(f)["steps_done"] == 8
+  assert os.path.exists(os.path.join(out, "data", "annotations", "val_test",
+                                     "test_gcg_coco_mask_gt.json"))
+
+
 def test_config_overrides_and_sizes():
   cfg = _override(SyntheticTrainConfig.small(), ["steps=1000", "sam_global_attn=0,2",
                                                   "peak_lr=1e-3", "fast_compile=true"])
