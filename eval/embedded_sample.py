@@ -119,7 +119,7 @@ def tiny_model_and_tokenizer(directory: str, seed: int = 0):
   from models.sam.config import SamConfig
 
   captions = [grounded(c, p) for _, _, c, p, _ in photos()]
-  tokenizer = train_tokenizer(captions, os.path.join(directory, "tokenizer"))
+  tokenizer = train_tokenizer(os.path.join(directory, "tokenizer"), captions)
   cfg = GLaMMConfig(vision=CLIPVisionConfig.tiny(image_size=336),
                     llm=LlamaConfig.tiny(vocab_size=len(tokenizer), max_position_embeddings=1024),
                     sam=SamConfig.tiny())

@@ -8,11 +8,13 @@
 
 Writes one GLaMM prediction JSON per image to `OUT/predictions/` (atomically; a rerun skips
 images already done, so an interrupted job resumes without redoing or losing work), a run record
-`OUT/run.json` (options, throughput), and with `--gt-dir` the five GCG metrics to
+`OUT/run.json` (options, throughput, seconds per stage), and with `--annotations` the five
+GCG metrics to
 `OUT/metrics_{split}.json` plus a summary table. Without `--bert`, recall is reported as
-unavailable (with the reason), never as 0. With several JAX processes (`jax.distributed`), each process takes
-every `num_processes`-th pending image; the prediction files are the shared result, so a restart
-with a different number of hosts continues where the last one stopped.
+unavailable (with the reason), never as 0. The global batch is split over the mesh's data axes,
+so the same command uses every local device; with `jax.distributed` (docs/SCALING.md) every host
+takes its rows of each batch, process 0 writes the files, and a restart with a different number
+of hosts continues where the last one stopped.
 """
 
 from __future__ import annotations
@@ -38,12 +40,6 @@ def list_images(folder: str) -> list[str]:
   if not names:
     raise FileNotFoundError(f"--images {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
   return names
-
-
-def pending_images(names, pred_dir, process_index=0, num_processes=1):
-  """Images without a prediction file yet, this process's share (round-robin)."""
-  todo = [n for n in names if not os.path.exists(os.path.join(pred_dir, f"{n[:-4]}.json"))]
-  return todo[process_index::num_processes]
 
 
 def _host_inputs(path, config, options, tokenizer_n):
@@ -88,10 +84,20 @@ def _save_picture(image_path, masks, caption, path):
 
 
 def run(model, tokenizer, image_dir, out_dir, options: gcg.GCGOptions, batch_size=1, limit=None,
-        progress=True, max_pictures=4):
-  """GCG over every pending image of `image_dir`; returns the run record."""
+        progress=True, max_pictures=4, mesh=None):
+  """GCG over every pending image of `image_dir`; returns the run record.
+
+  Without `mesh`, the model runs on the default device. With `mesh` (see `models.mesh`), the
+  parameters are placed by their logical axis names and the global batch of `batch_size` images
+  is split over the mesh's batch axes (`data`, `fsdp`): every local device, and with
+  `jax.distributed` every host, takes its rows. All processes run the same batches in lockstep;
+  process 0 decides what is pending and writes the prediction files.
+  """
   from tqdm import tqdm
-  from eval import gcg_output, prompt as prompt_lib
+  from jax.experimental import multihost_utils
+  from eval import gcg_output, multihost, prompt as prompt_lib
+  from models import mesh as mesh_lib
+  from models import placement
 
   cfg = model.config
   n = cfg.num_visual_tokens
@@ -100,56 +106,81 @@ def run(model, tokenizer, image_dir, out_dir, options: gcg.GCGOptions, batch_siz
   prompt = prompt_lib.build_gcg_prompt(tokenizer, n)
   unexpanded = prompt_lib.tokenize_with_image(prompt_lib.gcg_prompt_text(), tokenizer)
   names = list_images(image_dir)
-  todo = pending_images(names, pred_dir, jax.process_index(), jax.process_count())
+  b = batch_size
+  if mesh is not None:
+    mesh_lib.check_divisible(cfg, mesh, b)
+    model = placement.place_model(model, mesh)
+    rows = multihost.process_rows(mesh, b)
+  else:
+    rows = slice(0, b)
+  by_id = {f[:-4]: f for f in names}          # GLaMM's image_id: the file name minus 4 chars
+  todo = [by_id[i] for i in multihost.pending(list(by_id), pred_dir)]
   if limit is not None:
     todo = todo[:limit]
   runner = gcg.GCGRunner(model, options)
-  b = batch_size
-  ids = np.broadcast_to(prompt.ids, (b,) + prompt.ids.shape)
+  local = rows.stop - rows.start
+
+  def to_device(x, names_):
+    if mesh is None:
+      return x
+    return placement.from_process_local(x, names_, mesh, global_rows=b)
+
+  ids = np.broadcast_to(prompt.ids, (local,) + prompt.ids.shape)
   valid = np.broadcast_to(prompt.valid, ids.shape)
   vis = np.broadcast_to(prompt.visual_mask, ids.shape)
+  tok_names = mesh_lib.ACT_TOKENS
+  ids, valid, vis = (to_device(np.ascontiguousarray(a), tok_names) for a in (ids, valid, vis))
   done, t_start, dropped_segs = 0, time.perf_counter(), 0
   stage = dict(host_preprocess=0.0, device=0.0, postprocess_and_write=0.0)
   pictures = []
-  bar = tqdm(total=len(todo), desc="GCG", unit="img", disable=not progress)
-  for start in range(0, len(todo), b):
-    chunk = todo[start:start + b]
+  bar = tqdm(total=len(todo), desc="GCG", unit="img",
+             disable=not progress or jax.process_index() != 0)
+  for batch in multihost.schedule(todo, b):
     t0 = time.perf_counter()
-    items = [_host_inputs(os.path.join(image_dir, f), cfg, options, n) for f in chunk]
-    items += [items[-1]] * (b - len(items))           # pad the last batch (outputs discarded)
+    mine = [f if f is not None else batch[0] for f in batch[rows]]   # pad rows repeat an image
+    items = [_host_inputs(os.path.join(image_dir, f), cfg, options, n) for f in mine]
     clip, sam, resized, orig, labels, images01 = zip(*items)
+    sizes = np.asarray([list(r) + list(o) for r, o in zip(resized, orig)], np.int32)
+    if mesh is not None and jax.process_count() > 1:
+      sizes = np.asarray(multihost_utils.process_allgather(sizes, tiled=True))
+    pix = mesh_lib.ACT_PIXELS
+    args = (to_device(np.stack(clip), pix), to_device(np.stack(sam), pix),
+            None if labels[0] is None else to_device(np.stack(labels), tok_names),
+            to_device(np.stack(images01), pix) if options.prune.method == "altp" else None)
     t1 = time.perf_counter()
-    out = runner.run_batch(ids, valid, vis, np.stack(clip), np.stack(sam),
-                           None if labels[0] is None else np.stack(labels),
-                           np.stack(images01) if options.prune.method == "altp" else None)
-    out = jax.device_get(out)            # the first batch also pays the compilation
+    out = runner.run_batch(ids, valid, vis, *args)
+    out = {k: placement.to_host(v) for k, v in out.items()}   # the first batch also compiles
     t2 = time.perf_counter()
-    for i, fname in enumerate(chunk):
+    records = {}
+    for i, fname in enumerate(batch):
+      if fname is None:
+        continue
       gen_ids = out["tokens"][i, : out["lengths"][i]].tolist()
       caption, phrases = gcg_output.decode_gcg_output(list(unexpanded) + gen_ids, tokenizer)
       keep = out["seg_valid"][i]
-      masks = gcg.masks_to_original(out["low_res"][i][keep], resized[i], orig[i],
-                                    cfg.sam.image_encoder.img_size)
+      masks = gcg.masks_to_original(out["low_res"][i][keep], tuple(sizes[i, :2]),
+                                    tuple(sizes[i, 2:]), cfg.sam.image_encoder.img_size)
       dropped_segs += int(out["num_segs"][i]) - int(keep.sum())
-      gcg_output.write_prediction(pred_dir, gcg_output.prediction_record(
-          fname, caption, phrases, masks))
-      if len(pictures) < max_pictures:
+      records[fname[:-4]] = gcg_output.prediction_record(fname, caption, phrases, masks)
+      if len(pictures) < max_pictures and jax.process_index() == 0:
         pictures.append(_save_picture(os.path.join(image_dir, fname), masks, caption,
                                       os.path.join(out_dir, "pictures", f"{fname[:-4]}.png")))
+    multihost.write_predictions(pred_dir, records)
     stage["host_preprocess"] += t1 - t0
     stage["device"] += t2 - t1
     stage["postprocess_and_write"] += time.perf_counter() - t2
-    done += len(chunk)
-    bar.update(len(chunk))
+    done += len(records)
+    bar.update(len(records))
   bar.close()
   elapsed = time.perf_counter() - t_start
   record = dict(images_done=done, images_total=len(names), seconds=elapsed,
                 images_per_second=done / elapsed if done else 0.0, batch_size=b,
                 segs_beyond_max_segs=dropped_segs, seconds_per_stage=stage, pictures=pictures,
-                options=repr(options),
-                device=str(jax.devices()[0]), process_index=jax.process_index(),
-                process_count=jax.process_count())
-  _write_json(os.path.join(out_dir, f"run.{jax.process_index()}.json"), record)
+                options=repr(options), device=str(jax.devices()[0]),
+                mesh=None if mesh is None else dict(mesh.shape),
+                process_index=jax.process_index(), process_count=jax.process_count())
+  if jax.process_index() == 0:
+    _write_json(os.path.join(out_dir, "run.json"), record)
   return record
 
 
@@ -181,7 +212,11 @@ def parse_args(argv=None):
   p.add_argument("--density", default="dispersion", help="ALTP density option")
   p.add_argument("--positions", default="original", choices=("original", "compact"))
   p.add_argument("--fastv-layer", type=int, default=2)
-  p.add_argument("--batch-size", type=int, default=1)
+  p.add_argument("--batch-size", type=int, default=1,
+                 help="global batch; split over the mesh's data/fsdp axes")
+  p.add_argument("--mesh", default=None,
+                 help="device mesh, e.g. data=-1 (all devices data-parallel; the default when "
+                      "several devices are visible) or data=2,fsdp=1,tensor=4")
   p.add_argument("--max-new-tokens", type=int, default=512)
   p.add_argument("--max-segs", type=int, default=16, help="masks decoded per image at most")
   p.add_argument("--limit", type=int, default=None, help="process at most this many images")
@@ -210,10 +245,15 @@ def main(argv=None):
   from eval.tokenizer import load_tokenizer, seg_token_id
 
   args = parse_args(argv)
+  from eval import multihost
+  from models import mesh as mesh_lib
+  multihost.initialize()
+  mesh_spec = args.mesh or ("data=-1" if jax.device_count() > 1 else None)
+  mesh = mesh_lib.make_mesh(mesh_spec) if mesh_spec else None
   if args.checkpoint:
     from convert import load_glamm
     tokenizer = load_tokenizer(args.checkpoint)
-    model = load_glamm(args.checkpoint)
+    model = load_glamm(args.checkpoint, mesh=mesh)
     images, annotations = args.images, args.annotations
   else:
     from eval import embedded_sample
@@ -235,7 +275,7 @@ def main(argv=None):
       seg_id=seg_token_id(tokenizer), max_segs=args.max_segs,
       grid=(model.config.vision.grid,) * 2)
   record = run(model, tokenizer, images, args.out, options, args.batch_size, args.limit,
-               progress=not args.no_progress)
+               progress=not args.no_progress, mesh=mesh)
   print(json.dumps({k: v for k, v in record.items() if k != "options"}, indent=2))
   if annotations and not args.skip_eval and jax.process_index() == 0:
     from eval import grandf, metrics

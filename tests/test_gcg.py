@@ -32,7 +32,18 @@ def tokenizer(tmp_path_factory):
   return load_tokenizer(str(d / "glamm"))
 
 
+_MODELS = {}
+
+
 def _tiny_glamm(tokenizer, seg_bias=False):
+  """One cached tiny model per variant: eager construction is the slow part of these tests."""
+  key = (id(tokenizer), seg_bias)
+  if key not in _MODELS:
+    _MODELS[key] = _build_tiny_glamm(tokenizer, seg_bias)
+  return _MODELS[key]
+
+
+def _build_tiny_glamm(tokenizer, seg_bias):
   cfg = GLaMMConfig(vision=CLIPVisionConfig.tiny(), llm=LlamaConfig.tiny(vocab_size=len(tokenizer)),
                     sam=SamConfig.tiny())
   model = GLaMM(cfg, rngs=nnx.Rngs(0))
@@ -231,3 +242,22 @@ def test_altp_inside_the_model_equals_altp_jax(tokenizer):
   want = altp_jax.altp_select(cls, labels, k, config=opts.prune.altp,
                               features=visual.astype(jnp.float32), num_segments=g)
   np.testing.assert_array_equal(out["keep_visual"], want)
+
+
+def test_batch_sharded_over_devices_equals_one_device(tokenizer, image_dir, tmp_path):
+  """The global batch split over a data=4 mesh writes the same predictions as one device."""
+  import json
+  from models import mesh as mesh_lib
+
+  model = _tiny_glamm(tokenizer, seg_bias=True)
+  opts = _options(tokenizer, "grid", 0.5, max_new=3)
+  one, four = str(tmp_path / "one"), str(tmp_path / "four")
+  run_gcg.run(model, tokenizer, image_dir, one, opts, batch_size=4, progress=False)
+  mesh = mesh_lib.make_mesh("data=4", jax.devices()[:4])
+  rec = run_gcg.run(model, tokenizer, image_dir, four, opts, batch_size=4, progress=False,
+                    mesh=mesh)
+  assert rec["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1} and rec["images_done"] == 3
+  for f in sorted(os.listdir(os.path.join(one, "predictions"))):
+    a = json.load(open(os.path.join(one, "predictions", f)))
+    b = json.load(open(os.path.join(four, "predictions", f)))
+    assert a == b, f
