@@ -58,6 +58,9 @@ def parse_args(argv=None):
   p.add_argument("--no-search", dest="search", action="store_false")
   p.add_argument("--search-cap-s", type=float, default=None, help="default 90 (quick: 20)")
   p.add_argument("--skip-torch", action="store_true")
+  p.add_argument("--budget-s", type=float, default=480,
+                 help="a part starts no new batch or search after this many seconds (the "
+                      "device call is limited to ~9 minutes)")
   a = p.parse_args(argv)
   a.batches = [int(x) for x in (a.batches or ("2" if a.tiny else "1,8,32")).split(",")]
   a.methods = [m for m in a.methods.split(",") if m]
@@ -179,7 +182,9 @@ def markdown(rows, meta):
     ceil = m.get("jax_ceilings") or m.get("torch_ceilings") or {}
     lines.append(f"- `{name}`: {dev}; bf16 matmul {_f(ceil.get('matmul_tflops'), 0)} TFLOP/s, "
                  f"copy {_f(ceil.get('copy_gbps'), 0)} GB/s; {m.get('meta', {}).get('date', '')}")
-  lines += ["", "### End to end GCG (64 new tokens, 8 masks per image)", "",
+  first = next((r for r in rows if r.get("what") == "e2e"), {})
+  lines += ["", f"### End to end GCG ({first.get('new_tokens', '?')} new tokens, "
+            f"{first.get('segs', '?')} masks per image)", "",
             "| framework | method | reduction | visual kept | batch | ms / batch | images/s | "
             "ours/theirs (same tokens) | ours/theirs (vs unpruned) | TFLOP/s | of matmul | "
             "KV cache GB | peak GB |", "|" + "---|" * 13]
@@ -208,7 +213,7 @@ def markdown(rows, meta):
         f"{r['batch']} | {_f(r['ms'])} | {_f(per, 3)} | {_f(r.get('tflops'), 1)} | "
         f"{_f(r.get('frac_matmul'), 3)} | {_f(r.get('gbps'), 0) if r.get('gbps') else '–'} | "
         f"{_f(r.get('frac_copy'), 2) if r.get('gbps') else '–'} | {_f(r.get('floor_ms'))} |")
-  other = [r for r in rows if r.get("what") in ("max_batch", "error", "search_stop")]
+  other = [r for r in rows if r.get("what") in ("max_batch", "error", "search_stop", "skipped")]
   if other:
     lines += ["", "### Largest batch and failures", ""]
     for r in other:
@@ -243,7 +248,8 @@ def plot(rows, path):
               linestyle="-" if fw == "jax" else "--", label=f"{fw} {m}")
     ax.set_title(f"batch {b}")
     ax.set_xlabel("visual tokens kept (of the pruning point)")
-    ax.set_ylabel("images / s")
+    ax.set_ylabel("images / s (log)")
+    ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   fig.tight_layout()

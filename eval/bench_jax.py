@@ -270,6 +270,7 @@ class Bench:
 
 def run(args, log: common.JsonLog):
   """Measures everything the arguments select, adding rows to `log` as it goes."""
+  start = time.perf_counter()
   config = common.bench_config(args.tiny)
   lay = common.layout(config, args.tiny, args.new_tokens, args.segs)
   dev = jax.devices()[0]
@@ -302,6 +303,9 @@ def run(args, log: common.JsonLog):
 
   for b in args.batches:
     t_batch = time.perf_counter()
+    if t_batch - start > args.budget_s:
+      log.add(dict(framework="jax", what="skipped", batch=b, reason="--budget-s spent"))
+      continue
     x = make_inputs(config, lay, b)
     lowerings = {}
     if args.components:
@@ -402,7 +406,7 @@ def run(args, log: common.JsonLog):
     print(f"[jax] batch {b} done in {time.perf_counter() - t_batch:.1f} s", flush=True)
 
   if args.search:
-    search_max_batch(bench, config, lay, args, combos, log, row)
+    search_max_batch(bench, config, lay, args, combos, log, row, start)
 
 
 def _time_e2e(c, sam_c, st, x, args, repeats=None):
@@ -415,7 +419,7 @@ def _time_e2e(c, sam_c, st, x, args, repeats=None):
   return common.median_ms(fn, _sync, repeats or args.e2e_repeats)
 
 
-def search_max_batch(bench, config, lay, args, combos, log, row):
+def search_max_batch(bench, config, lay, args, combos, log, row, start):
   """Doubles the batch from 2 x the largest requested one until a program runs out of memory or
   `--search-cap-s` seconds have passed (per method), timing end-to-end GCG at each size."""
   wanted = [(m, r) for m, r in combos if (m == "none" or r == max(args.reductions))]
@@ -423,7 +427,8 @@ def search_max_batch(bench, config, lay, args, combos, log, row):
     t0 = time.perf_counter()
     b = 2 * max(args.batches)
     best = None
-    while time.perf_counter() - t0 < args.search_cap_s:
+    while (time.perf_counter() - t0 < args.search_cap_s
+           and time.perf_counter() - start < args.budget_s):
       print(f"[jax] search {method}@{red}: batch {b}", flush=True)
       try:
         x = make_inputs(config, lay, b)

@@ -30,6 +30,7 @@ def run(args, log: common.JsonLog):
   import torch
   from torch import nn
 
+  start = time.perf_counter()
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   dt = torch.bfloat16
   config = common.bench_config(args.tiny)
@@ -129,6 +130,9 @@ def run(args, log: common.JsonLog):
   combos = [("none", 0.0)] + [("prelm", r) for r in args.reductions]
   for b in args.batches:
     t_batch = time.perf_counter()
+    if t_batch - start > args.budget_s:
+      log.add(dict(framework="torch", what="skipped", batch=b, reason="--budget-s spent"))
+      continue
     try:
       _run_batch(b, args, lay, config, combos, inputs, visual_tokens, splice, generate,
                  decode_masks, gcg, clip, projector, sam, sel, wbytes, rate, bw, sync,
@@ -144,7 +148,8 @@ def run(args, log: common.JsonLog):
       t0 = time.perf_counter()
       b, best = 2 * max(args.batches), None
       keep = common.kept(lay.num_visual, red)
-      while time.perf_counter() - t0 < args.search_cap_s:
+      while (time.perf_counter() - t0 < args.search_cap_s
+             and time.perf_counter() - start < args.budget_s):
         print(f"[torch] search {method}@{red}: batch {b}", flush=True)
         try:
           px, sam_px, ids = inputs(b)
