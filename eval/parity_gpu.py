@@ -77,6 +77,19 @@ def _load_abstract(ctor, fill):
   return module
 
 
+_DTYPE = {"name": "bfloat16"}
+
+
+def _torch_dtype():
+  import torch
+  return getattr(torch, _DTYPE["name"])
+
+
+def _jax_dtype():
+  import jax.numpy as jnp
+  return getattr(jnp, _DTYPE["name"])
+
+
 def llama_part(cfg, dev, rec, seq_len, seed):
   import jax
   import jax.numpy as jnp
@@ -87,7 +100,7 @@ def llama_part(cfg, dev, rec, seq_len, seed):
   from models.param_tables import load_state_dict
 
   t0 = time.perf_counter()
-  hf = ref.build_llama(cfg, dev, torch.bfloat16, seed=seed)
+  hf = ref.build_llama(cfg, dev, _torch_dtype(), seed=seed)
   ours = _load_abstract(lambda r: LlamaForCausalLM(cfg, rngs=r),
                         lambda m: load_state_dict(m, hf.state_dict(), HF_LLAMA_TABLE))
   load_s = time.perf_counter() - t0
@@ -121,10 +134,10 @@ def clip_part(cfg, dev, rec, clip_px, seed):
   from models.clip.params import HF_CLIP_VISION_TABLE
   from models.param_tables import load_state_dict
 
-  hf = ref.build_clip(cfg, dev, torch.bfloat16, seed=seed)
+  hf = ref.build_clip(cfg, dev, _torch_dtype(), seed=seed)
   ours = _load_abstract(lambda r: CLIPVisionModel(cfg, rngs=r),
                         lambda m: load_state_dict(m, hf.state_dict(), HF_CLIP_VISION_TABLE))
-  px = torch.as_tensor(clip_px.transpose(2, 0, 1)[None], device=dev).to(torch.bfloat16)
+  px = torch.as_tensor(clip_px.transpose(2, 0, 1)[None], device=dev).to(_torch_dtype())
   with torch.inference_mode():
     out = hf(pixel_values=px, output_hidden_states=True)
     ref_hidden = [_t2np(h) for h in out.hidden_states]
@@ -134,7 +147,7 @@ def clip_part(cfg, dev, rec, clip_px, seed):
   @jax.jit
   def run(m, p):
     return m(p).hidden_states, m.features(p, select_layer=-2)[0]
-  hidden, feats = run(ours, jnp.asarray(clip_px[None], jnp.bfloat16))
+  hidden, feats = run(ours, jnp.asarray(clip_px[None], _jax_dtype()))
   per_layer = [compare(h, r) for h, r in zip(hidden, ref_hidden)]
   rec.set("clip", dict(
       hidden_states_worst_rel_l2=max(p["rel_l2"] for p in per_layer),
@@ -153,16 +166,16 @@ def sam_part(cfg, dev, rec, sam_px, segs, seed):
   from models.sam import Sam
   from models.sam import params as sam_params
 
-  t = ref.build_sam(cfg, dev, torch.bfloat16, seed=seed)
+  t = ref.build_sam(cfg, dev, _torch_dtype(), seed=seed)
   ours = _load_abstract(lambda r: Sam(cfg, rngs=r),
                         lambda m: sam_params.load_state_dict(m, t.state_dict(),
-                                                             dtype=jnp.bfloat16))
-  px = torch.as_tensor(sam_px.transpose(2, 0, 1)[None], device=dev).to(torch.bfloat16)
+                                                             dtype=_jax_dtype()))
+  px = torch.as_tensor(sam_px.transpose(2, 0, 1)[None], device=dev).to(_torch_dtype())
   text = np.random.default_rng(seed).normal(0, 0.5, (segs, cfg.prompt_encoder.embed_dim))
   text = text.astype(np.float32)
   with torch.inference_mode():
     ref_emb_t = t.image_encoder(px)
-    tt = torch.as_tensor(text, device=dev).to(torch.bfloat16)
+    tt = torch.as_tensor(text, device=dev).to(_torch_dtype())
     ref_masks = _t2np(ref.sam_decode_text_prompts(t, ref_emb_t, tt)[0])
     ref_emb = _t2np(ref_emb_t)                                    # [1,C,h,w]
   del t
@@ -170,11 +183,11 @@ def sam_part(cfg, dev, rec, sam_px, segs, seed):
 
   emb_fn = jax.jit(lambda m, p: m.embed_image(p))
   dec_fn = jax.jit(lambda m, e, x: m.decode_text_prompts(e, x)[0])
-  emb = emb_fn(ours, jnp.asarray(sam_px[None], jnp.bfloat16))      # [1,h,w,C]
-  text_j = jnp.asarray(text, jnp.bfloat16)
+  emb = emb_fn(ours, jnp.asarray(sam_px[None], _jax_dtype()))      # [1,h,w,C]
+  text_j = jnp.asarray(text, _jax_dtype())
   masks = np.asarray(dec_fn(ours, emb, text_j), np.float32)
   masks_on_ref = np.asarray(dec_fn(ours, jnp.asarray(ref_emb.transpose(0, 2, 3, 1),
-                                                     jnp.bfloat16), text_j), np.float32)
+                                                     _jax_dtype()), text_j), np.float32)
 
   def agreement(a, r):
     pa, pr = a > 0, r > 0
@@ -213,6 +226,8 @@ def main(argv=None):
   p.add_argument("--segs", type=int, default=4)
   p.add_argument("--parts", default="llama,clip,sam")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                 help="both frameworks' weights and compute (float32: full-precision matmuls)")
   a = p.parse_args(argv)
   os.makedirs(a.out, exist_ok=True)
 
@@ -227,7 +242,12 @@ def main(argv=None):
 
   ref.import_transformers()
   dev = "cuda" if torch.cuda.is_available() else "cpu"
-  bf = jnp.bfloat16
+  _DTYPE["name"] = a.dtype
+  if a.dtype == "float32":
+    jax.config.update("jax_default_matmul_precision", "highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+  bf = _jax_dtype()
   if a.tiny:
     llama = LlamaConfig.tiny(dtype=bf, param_dtype=bf)
     clip = CLIPVisionConfig.tiny(dtype=bf, param_dtype=bf)
@@ -241,11 +261,11 @@ def main(argv=None):
   clip_px = preprocess.clip_preprocess(img, size=clip.image_size)
   sam_px, resized = preprocess.sam_preprocess(img, size=sam.image_encoder.img_size)
   import transformers
-  rec = Record(os.path.join(a.out, "parity_gpu.json"), dict(
+  rec = Record(os.path.join(a.out, f"parity_gpu_{a.dtype}.json"), dict(
       date=time.strftime("%Y-%m-%d %H:%M:%S"), tiny=a.tiny, torch_device=dev,
       torch_device_name=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
       jax_device=str(jax.devices()[0]), jax=jax.__version__, torch=torch.__version__,
-      transformers=transformers.__version__, dtype="bfloat16", photo=source,
+      transformers=transformers.__version__, dtype=a.dtype, photo=source,
       photo_shape=list(img.shape), sam_resized=list(resized), seq_len=seq_len))
   parts = a.parts.split(",")
   t0 = time.perf_counter()
