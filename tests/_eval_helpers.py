@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 
 import sentencepiece as spm
 
@@ -48,22 +47,9 @@ def train_sp_model(path_prefix: str) -> str:
 
 
 def import_transformers():
-  """`transformers` with the classes these tests use resolved while conftest's torchvision
-  stand-in (a module without `__spec__`, which breaks transformers' lru-cached availability probe)
-  is hidden from `sys.modules`; the probe then records "no torchvision" and the stand-in is put
-  back for segment_anything."""
-  hidden = {n: sys.modules.pop(n) for n in list(sys.modules)
-            if n == "torchvision" or n.startswith("torchvision.")}
-  try:
-    import transformers
-    from transformers.utils import import_utils
-    import_utils.is_torchvision_available()
-    for name in ("AddedToken", "LlamaTokenizer", "CLIPImageProcessorPil", "BertConfig",
-                 "BertModel", "BertTokenizer", "AutoModel", "AutoTokenizer"):
-      getattr(transformers, name)
-  finally:
-    sys.modules.update(hidden)
-  return transformers
+  """`transformers` imported around conftest's torchvision stand-in (see `tests/hf_reference`)."""
+  from tests.hf_reference import import_transformers as _import
+  return _import()
 
 
 def _added_token_dict(content: str) -> dict:

@@ -18,9 +18,11 @@ def import_transformers():
     import transformers
     from transformers.utils import import_utils
     import_utils.is_torchvision_available()
-    # Resolve the lazy attributes now, while the probe sees no torchvision.
-    transformers.LlamaConfig, transformers.LlamaForCausalLM  # noqa: B018
-    transformers.CLIPVisionConfig, transformers.CLIPVisionModel  # noqa: B018
+    # Resolve the lazy attributes the tests use now, while the probe sees no torchvision.
+    for name in ("LlamaConfig", "LlamaForCausalLM", "CLIPVisionConfig", "CLIPVisionModel",
+                 "AddedToken", "LlamaTokenizer", "CLIPImageProcessorPil", "BertConfig",
+                 "BertModel", "BertTokenizer", "AutoModel", "AutoTokenizer"):
+      getattr(transformers, name)
   finally:
     sys.modules.update(hidden)
   return transformers
