@@ -82,9 +82,10 @@ def write_sample(directory: str) -> tuple[str, str]:
   images, caps, anns = [], [], []
   for stem, img, caption, phrases, masks in photos():
     path = os.path.join(img_dir, f"{stem}.png")
-    if not os.path.exists(path):
-      Image.fromarray(img).save(path + ".tmp.png")
-      os.replace(path + ".tmp.png", path)
+    if not os.path.exists(path):   # pid-unique temporary: several processes may write at once
+      tmp = f"{path}.tmp{os.getpid()}.png"
+      Image.fromarray(img).save(tmp)
+      os.replace(tmp, path)
     h, w = img.shape[:2]
     images.append({"id": stem, "file_name": f"{stem}.png", "height": h, "width": w})
     caps.append({"id": len(caps) + 1, "image_id": stem, "caption": caption, "labels": phrases})
@@ -100,7 +101,7 @@ def write_sample(directory: str) -> tuple[str, str]:
                     (f"{SPLIT}_gcg_coco_mask_gt.json",
                      {"images": images, "annotations": anns,
                       "categories": [{"id": 1, "name": "object"}]})):
-    tmp = os.path.join(ann_dir, name + ".tmp")
+    tmp = os.path.join(ann_dir, f"{name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
       json.dump(obj, f)
     os.replace(tmp, os.path.join(ann_dir, name))
