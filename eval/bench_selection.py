@@ -142,8 +142,13 @@ def main(argv=None):
   p.add_argument("--quick", action="store_true", help="N=576 and batch 1, 8 only (smoke run)")
   p.add_argument("--repeats", type=int, default=20)
   p.add_argument("--feat-dim", type=int, default=256)
+  p.add_argument("--ns", default="576,1024,4096", help="token counts N")
+  p.add_argument("--batches", default="1,8,64,256")
   a = p.parse_args(argv)
-  kw = dict(ns=(576,), batches=(1, 8)) if a.quick else {}
+  kw = dict(ns=tuple(int(x) for x in a.ns.split(",")),
+            batches=tuple(int(x) for x in a.batches.split(",")))
+  if a.quick:
+    kw = dict(ns=(576,), batches=(1, 8))
   _, md = run(a.out, repeats=a.repeats, feat_dim=a.feat_dim, **kw)
   print(md)
 
