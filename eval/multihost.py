@@ -20,7 +20,6 @@ The pieces:
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Mapping, Sequence
 
@@ -80,14 +79,12 @@ def process_rows(mesh: jax.sharding.Mesh, global_batch: int) -> slice:
 
 
 def write_predictions(pred_dir: str, records: Mapping[str, dict]) -> None:
-  """Process 0 writes `{image_id}.json` for each record (tmp file + rename: a crash never leaves
-  a partial prediction for `pending` to mistake for a finished one)."""
+  """Process 0 writes `{image_id}.json` for each record, atomically (`gcg_output.write_prediction`:
+  a crash never leaves a partial prediction for `pending` to mistake for a finished one)."""
   if jax.process_index() != 0:
     return
-  os.makedirs(pred_dir, exist_ok=True)
+  from eval.gcg_output import write_prediction
   for image_id, record in records.items():
-    path = prediction_path(pred_dir, image_id)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-      json.dump(record, f)
-    os.replace(tmp, path)
+    if record.get("image_id") != image_id:
+      raise ValueError(f"record for {image_id!r} carries image_id {record.get('image_id')!r}")
+    write_prediction(pred_dir, record)

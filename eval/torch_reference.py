@@ -68,18 +68,23 @@ def _default_dtype(dtype):
     torch.set_default_dtype(old)
 
 
-def hf_llama_config(cfg, attn: str = "sdpa"):
-  """transformers LlamaConfig for a `models.llama.config.LlamaConfig`."""
-  transformers = import_transformers()
-  return transformers.LlamaConfig(
+def hf_llama_kwargs(cfg) -> dict:
+  """transformers `LlamaConfig` arguments describing a `models.llama.config.LlamaConfig`."""
+  return dict(
       vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
       intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
       head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
       rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-      max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
-      initializer_range=0.02, attn_implementation=attn, bos_token_id=1, eos_token_id=2,
-      pad_token_id=0)
+      max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False)
+
+
+def hf_llama_config(cfg, attn: str = "sdpa"):
+  """transformers LlamaConfig for a `models.llama.config.LlamaConfig`."""
+  transformers = import_transformers()
+  return transformers.LlamaConfig(
+      **hf_llama_kwargs(cfg), initializer_range=0.02, attn_implementation=attn, bos_token_id=1,
+      eos_token_id=2, pad_token_id=0)
 
 
 def hf_clip_config(cfg, attn: str = "sdpa"):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from altp_jax.attention_scores import last_query_scores
+from eval.torch_reference import hf_llama_kwargs
 from models.llama.config import LlamaConfig
 from models.llama.modeling import LlamaForCausalLM
 from models.llama.params import HF_LLAMA_TABLE
@@ -63,14 +64,8 @@ def reference_last_query_scores(q_last, keys, key_valid):
 
 def _build(num_kv_heads):
   cfg = LlamaConfig.tiny(num_layers=3, num_kv_heads=num_kv_heads)
-  hf_cfg = transformers.LlamaConfig(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-      intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-      head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-      rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-      max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
-      initializer_range=0.15, attn_implementation="eager")
+  hf_cfg = transformers.LlamaConfig(**hf_llama_kwargs(cfg), initializer_range=0.15,
+                                    attn_implementation="eager")
   torch.manual_seed(num_kv_heads)
   hf = transformers.LlamaForCausalLM(hf_cfg).eval()
   with torch.no_grad():  # non-trivial norm weights, so a skipped or misplaced norm shows
