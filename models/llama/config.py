@@ -1,4 +1,9 @@
-"""LLaMA decoder configuration (GLaMM's Vicuna-7B and a tiny test size)."""
+"""LLaMA decoder configuration (GLaMM's Vicuna-7B, OMG-LLaVA's InternLM2-chat-7B, tiny test sizes).
+
+InternLM2 is the LLaMA architecture with fused/renamed weights (wqkv, w1/w2/w3, tok_embeddings,
+output), so it runs on `LlamaForCausalLM`; its checkpoint names are mapped by
+`models.llama.internlm2_params`.
+"""
 
 from __future__ import annotations
 
@@ -49,5 +54,24 @@ class LlamaConfig:
     """A few-thousand-parameter decoder for CPU tests (pass num_kv_heads=2 for GQA)."""
     base = dict(vocab_size=128, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=4,
                 head_dim=16, intermediate_size=96, rms_norm_eps=1e-5, rope_theta=10000.0,
+                max_position_embeddings=256)
+    return cls(**{**base, **overrides})
+
+  @classmethod
+  def internlm2_chat_7b(cls, **overrides) -> "LlamaConfig":
+    """OMG-LLaVA's LLM (omg_llava.md §1.6): InternLM2-chat-7B with GQA (32 query heads over 8 KV
+    heads), FFN 14336, RoPE theta 1e6, untied `output` head. vocab 92548 = 92544 base pieces +
+    [SEG], <p>, </p>, <region> (`<mark>`, added after the resize, has no row). The shipped config's
+    dynamic-NTK rope_scaling is deliberately absent: XTuner swaps in plain RoPE."""
+    base = dict(vocab_size=92548, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                head_dim=128, intermediate_size=14336, rms_norm_eps=1e-5, rope_theta=1e6,
+                max_position_embeddings=32768)
+    return cls(**{**base, **overrides})
+
+  @classmethod
+  def internlm2_tiny(cls, **overrides) -> "LlamaConfig":
+    """A tiny InternLM2-shaped decoder for CPU tests: GQA group 2, theta 1e6."""
+    base = dict(vocab_size=160, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
+                head_dim=16, intermediate_size=96, rms_norm_eps=1e-5, rope_theta=1e6,
                 max_position_embeddings=256)
     return cls(**{**base, **overrides})
