@@ -50,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   p.add_argument("--steps", type=int)
   p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
   p.add_argument("--time-limit", type=float, default=540.0)
+  p.add_argument("--export", default=None,
+                 help="also write the inference checkpoint (eval/synthetic_checkpoint.py) here")
   a = p.parse_args(argv)
   t_start = time.time()
   data = os.path.join(a.out, "data")
@@ -71,6 +73,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
       "wall_s": time.time() - t_start}
   with open(os.path.join(workdir, "config.json")) as f:
     summary["config"] = json.load(f)
+  if a.export:
+    from eval.synthetic_checkpoint import export_model
+    from flax import nnx
+    model = nnx.merge(result["graphdef"], result["state"])[0]
+    export_model(model, os.path.join(workdir, "tokenizer"), a.export, train_config=cfg.to_dict(),
+                 step=result["step"])
   with open(os.path.join(a.out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   print(json.dumps({k: summary[k] for k in ("device", "steps_done", "steady_step_time_s")}))
