@@ -8,6 +8,10 @@ A table is data: a tuple of `(pattern, target, transform)` rows.
   key is known and deliberately skipped (e.g. recomputed RoPE buffers).
 - `transform`: a function `np.ndarray -> np.ndarray` from the source layout to ours (see below).
 
+Split rows (one source tensor -> several parameters, e.g. InternLM2's fused `wqkv` -> q/k/v): the
+`target` is a tuple of templates and the `transform` returns a tuple of arrays, one per target, in
+the same order. Single-target rows are unaffected.
+
 The first matching row wins. `map_key` serves streaming converters (one tensor at a time);
 `load_state_dict` fills a live module in one go (tests, small models) and reports every problem at
 once: unmatched keys, unknown targets, shape mismatches, and parameters left unfilled.
@@ -22,8 +26,9 @@ from flax import nnx
 import jax.numpy as jnp
 import numpy as np
 
-Transform = Callable[[np.ndarray], np.ndarray]
-Table = Sequence[tuple[str, "str | None", Transform]]
+Transform = Callable[[np.ndarray], "np.ndarray | tuple[np.ndarray, ...]"]
+Table = Sequence[tuple[str, "str | tuple[str, ...] | None", Transform]]
+Path = tuple["str | int", ...]
 
 
 def identity(x: np.ndarray) -> np.ndarray:
@@ -48,20 +53,34 @@ def _path(target: str) -> tuple[str | int, ...]:
   return tuple(int(p) if p.isdigit() else p for p in target.split("."))
 
 
-def map_key(key: str, table: Table) -> tuple[tuple[str | int, ...], Transform] | None:
-  """The NNX path and transform for source `key`; `None` if the table skips it.
-
-  Raises:
-    KeyError: no row of `table` matches `key`.
-  """
+def _match(key: str, table: Table) -> tuple[tuple[Path, ...], Transform, bool] | None:
+  """(target paths, transform, is_split) of the first row matching `key`; None if it skips it."""
   for pattern, target, transform in table:
     m = re.fullmatch(pattern, key)
     if m is None:
       continue
     if target is None:
       return None
-    return _path(m.expand(target)), transform
+    if isinstance(target, tuple):
+      return tuple(_path(m.expand(t)) for t in target), transform, True
+    return (_path(m.expand(target)),), transform, False
   raise KeyError(f"no conversion rule matches source key {key!r}")
+
+
+def map_key(key: str, table: Table) -> tuple[Path | tuple[Path, ...], Transform] | None:
+  """The NNX path and transform for source `key`; `None` if the table skips it.
+
+  For a split row (tuple target) the first element is the tuple of paths, one per array the
+  transform returns.
+
+  Raises:
+    KeyError: no row of `table` matches `key`.
+  """
+  matched = _match(key, table)
+  if matched is None:
+    return None
+  paths, transform, split = matched
+  return (paths if split else paths[0]), transform
 
 
 def to_numpy(value) -> np.ndarray:
@@ -88,29 +107,42 @@ def load_state_dict(model: nnx.Module, tensors: Mapping[str, object], table: Tab
   filled: set[tuple] = set()
   for key, value in tensors.items():
     try:
-      mapped = map_key(key, table)
+      mapped = _match(key, table)
     except KeyError as e:
       if strict:
         errors.append(str(e))
       continue
     if mapped is None:
       continue
-    path, transform = mapped
-    if path not in flat:
-      errors.append(f"{key!r} -> {'.'.join(map(str, path))}: no such parameter in "
-                    f"{type(model).__name__}")
+    paths, transform, split = mapped
+    missing = [p for p in paths if p not in flat]
+    if missing:
+      errors += [f"{key!r} -> {'.'.join(map(str, p))}: no such parameter in "
+                 f"{type(model).__name__}" for p in missing]
       continue
-    if path in filled:
-      errors.append(f"{key!r} -> {'.'.join(map(str, path))}: parameter filled twice")
+    twice = [p for p in paths if p in filled]
+    if twice:
+      errors += [f"{key!r} -> {'.'.join(map(str, p))}: parameter filled twice" for p in twice]
       continue
-    arr = transform(to_numpy(value))
-    want = flat[path]
-    if tuple(arr.shape) != tuple(want.shape):
-      errors.append(f"{key!r} -> {'.'.join(map(str, path))}: shape {tuple(arr.shape)} after "
-                    f"transform, parameter has {tuple(want.shape)}")
+    try:
+      out = transform(to_numpy(value))
+    except ValueError as e:  # layout transforms reject bad shapes with a ValueError
+      errors.append(f"{key!r}: {e}")
       continue
-    _set(pure, path, jnp.asarray(arr, dtype=want.dtype))
-    filled.add(path)
+    arrs = out if split else (out,)
+    if split and (not isinstance(out, tuple) or len(out) != len(paths)):
+      errors.append(f"{key!r}: split transform returned {type(out).__name__} "
+                    f"{len(out) if isinstance(out, tuple) else ''}, expected a tuple of "
+                    f"{len(paths)} arrays")
+      continue
+    for path, arr in zip(paths, arrs):
+      want = flat[path]
+      if tuple(arr.shape) != tuple(want.shape):
+        errors.append(f"{key!r} -> {'.'.join(map(str, path))}: shape {tuple(arr.shape)} after "
+                      f"transform, parameter has {tuple(want.shape)}")
+        continue
+      _set(pure, path, jnp.asarray(arr, dtype=want.dtype))
+      filled.add(path)
   if strict:
     for path in sorted(set(flat) - filled, key=str):
       errors.append(f"parameter {'.'.join(map(str, path))} {tuple(flat[path].shape)} not filled "
