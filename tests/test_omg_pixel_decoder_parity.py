@@ -29,7 +29,7 @@ from models.omg_seg.ms_deform_attn import (MultiScaleDeformableAttention, ms_def
 from models.param_tables import identity, linear_weight, load_state_dict
 
 
-# -- positional encodings ---------------------------------------------------------------------------
+# -- positional encodings --------------------------------------------------------------------------
 
 def _torch_sine(mask: torch.Tensor, num_feats: int, three_d: bool) -> torch.Tensor:
   """mmdet SinePositionalEncoding(normalize=True) / SinePositionalEncoding3D with T = 1.
@@ -75,7 +75,7 @@ def test_sine_positional_bad_args():
     positional.sine_3d(0, 4, 8)
 
 
-# -- multi-scale deformable attention ---------------------------------------------------------------
+# -- multi-scale deformable attention --------------------------------------------------------------
 
 def torch_msda_core(value, shapes, loc, attn):
   """mmcv `multi_scale_deformable_attn_pytorch`: grid_sample (zeros, align_corners=False).
@@ -201,7 +201,7 @@ def test_reference_points_layout():
                                    [1 / 6, 3 / 4], [3 / 6, 3 / 4], [5 / 6, 3 / 4]], atol=1e-7)
 
 
-# -- the whole pixel decoder ------------------------------------------------------------------------
+# -- the whole pixel decoder -----------------------------------------------------------------------
 
 class _ConvModule(nn.Module):
   """mmcv ConvModule(conv, GN[, ReLU]): state-dict keys `conv.*`, `gn.*`."""

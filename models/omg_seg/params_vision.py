@@ -11,8 +11,8 @@ Source names (spec omg_llava.md 2.3):
   `visual.trunk.stages.{i}.*` (= `backbone.layer{i+1}.*`).
 
 Targets are paths inside `ConvNeXt` (`models/omg_seg/convnext.py`) and `MSDeformAttnPixelDecoder`
-(`models/omg_seg/pixel_decoder.py`). `prefixed` re-roots a table, e.g. for a parent module that holds
-the trunk at `backbone` and the decoder at `panoptic_head.pixel_decoder`.
+(`models/omg_seg/pixel_decoder.py`). `prefixed` re-roots a table, e.g. for a parent module that
+holds the trunk at `backbone` and the decoder at `panoptic_head.pixel_decoder`.
 """
 
 from __future__ import annotations
