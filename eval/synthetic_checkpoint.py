@@ -2,7 +2,7 @@
 
 A training workdir (eval/train_synthetic.py) holds Orbax checkpoints of parameters *and* AdamW
 moments (3x the parameters) in fp32. For inference and for the repository we keep only the
-parameters, in float16 (10 mantissa bits: the round trip changes the bf16-computed outputs far less
+parameters (and fixed buffers), in float16 (10 mantissa bits: the round trip changes the bf16-computed outputs far less
 than bf16 itself does), in one compressed `params.npz` keyed by the dotted NNX parameter path,
 next to `config.json` (GLaMMConfig + the training config it came from) and the tokenizer files:
 
@@ -34,7 +34,8 @@ _TOKENIZER_FILES = ("tokenizer.model", "added_tokens.json", "special_tokens_map.
 
 def _flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
   out = {}
-  pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  # Every variable, not only nnx.Param: SAM's random Fourier matrix is a fixed buffer.
+  pure = nnx.to_pure_dict(nnx.state(model))
 
   def walk(tree, prefix):
     if isinstance(tree, Mapping):
@@ -109,7 +110,7 @@ def load_model(directory: str, compute_dtype=jnp.float32, seed: int = 0):
       vision=_with_dtype(cfg.vision, compute_dtype), llm=_with_dtype(cfg.llm, compute_dtype),
       sam=cfg.sam, vision_select_layer=cfg.vision_select_layer)
   model = nnx.eval_shape(lambda: GLaMM(cfg, rngs=nnx.Rngs(seed)))
-  state = nnx.state(model, nnx.Param)
+  state = nnx.state(model)
   pure = nnx.to_pure_dict(state)
   errors: list[str] = []
   with np.load(path) as data:

@@ -31,8 +31,9 @@ def test_round_trip_restores_every_parameter(exported):
   result, out = exported
   trained = nnx.merge(result["graphdef"], result["state"])[0]
   model, tokenizer = load_model(out)
-  want = jax.tree.leaves(nnx.state(trained, nnx.Param))
-  got = jax.tree.leaves(nnx.state(model, nnx.Param))
+  # Every variable: parameters and fixed buffers (SAM's Fourier matrix).
+  want = jax.tree.leaves(nnx.state(trained))
+  got = jax.tree.leaves(nnx.state(model))
   assert len(want) == len(got) > 10
   for w, g in zip(want, got):
     assert g.dtype == jnp.float32 and g.shape == w.shape
