@@ -156,7 +156,7 @@ class OMGLLaVA(nnx.Module):
     return masks.reshape((b, m) + masks.shape[1:])
 
 
-# -- prompt layout helpers (traceable) --------------------------------------------------------------
+# -- prompt layout helpers (traceable) -------------------------------------------------------------
 
 def prompt_layout(visual_mask: jax.Array, valid: jax.Array, visual_valid: jax.Array
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -212,10 +212,17 @@ def seg_hidden_from_generation(tokens: jax.Array, hidden: jax.Array, lengths: ja
     (seg_hidden [B,M,D] (the first M usable [SEG]s in order, zeros after), seg_valid [B,M]).
   """
   b, t = tokens.shape
+  if hidden.shape[:2] != (b, t) or lengths.shape != (b,) or max_masks < 1:
+    raise ValueError(f"seg_hidden_from_generation: tokens {tokens.shape}, hidden {hidden.shape}, "
+                     f"lengths {lengths.shape} must be [B,T], [B,T,D], [B]; max_masks "
+                     f"{max_masks} >= 1")
   iota = jnp.arange(t, dtype=jnp.int32)
   usable = (tokens == seg_id) & (iota[None, :] + 1 < lengths[:, None])
   order = jnp.argsort(jnp.where(usable, iota, t + iota), axis=1)[:, :max_masks]
   ok = jnp.take_along_axis(usable, order, axis=1)
+  if max_masks > t:   # more slots than generated tokens: the extra ones are never valid
+    order = jnp.pad(order, ((0, 0), (0, max_masks - t)))
+    ok = jnp.pad(ok, ((0, 0), (0, max_masks - t)))
   src = jnp.minimum(order + 1, t - 1)
   h = jnp.take_along_axis(hidden, src[..., None], axis=1)
   return jnp.where(ok[..., None], h, jnp.zeros((), h.dtype)), ok
