@@ -12,9 +12,24 @@ every cache slot carries a valid bit and attention is causal by slot.
 
 In-LLM pruning is a `PrunePlan`: stages of layers, each with its own cache and its own number of
 visual tokens. At a stage boundary the last prompt token's attention scores the surviving visual
-tokens (FastV: the previous layer's own q/k; PyramidDrop: the next layer's norm + q/k + RoPE),
-the top ones are kept, and hidden states, positions and masks are gathered to the shorter length.
-Selection happens once, at prefill; decode steps attend to the kept subset.
+tokens (FastV: the previous layer's own q/k; PyramidDrop: the next layer's norm + q/k + RoPE) and
+the top ones are kept. Selection happens once, at prefill; decode steps attend to the kept subset.
+`PrunePlan.mode` says how the drop is applied (both modes share the scoring and selection code and
+give the same tokens, hidden states and kept sets; tests/test_generate_mask_mode.py):
+
+- `gather` (default, the fast one): hidden states, positions and masks are gathered to the
+  shorter static length `T_s`, and every stage has its own cache of `T_s + max_new` slots, so the
+  later layers really compute on (and cache) fewer tokens.
+- `mask` (the reference, FastV's own ablation mode): the sequence keeps its full length `T` in
+  every layer and every stage's cache has the full `T + max_new` slots (one slot layout for all
+  layers, split by stage only so that each stage carries its own key-valid bits). A dropped visual
+  token's key-valid bit is False for all later stages, at prefill and during decode, so no later
+  layer attends to it; its hidden state keeps being computed (nobody reads it). Costs full FLOPs
+  and a full-length KV cache (`plan.stage_lengths` reports the full `T`): use it as the reference
+  that gather mode is checked against, and for accuracy ablations.
+
+In both modes `compact` positions renumber the surviving tokens contiguously after every drop
+(mask mode renumbers the surviving slots in place, so RoPE phases equal gather mode's).
 """
 
 from __future__ import annotations
@@ -34,6 +49,7 @@ from altp_jax import pyramid_drop
 from altp_jax import ranking
 
 POSITION_MODES = ("original", "compact")
+PRUNE_MODES = ("gather", "mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +90,16 @@ class PrunePlan:
     visual_counts: visual tokens present in each stage; the first is the input count.
     score: `fastv` (layer end-1's own last-query attention) or `pdrop` (the next layer's).
     positions: `original` (kept tokens keep their position ids) or `compact` (renumbered).
+    mode: `gather` (dropped tokens are removed: shorter sequence and cache per stage, the fast
+      one) or `mask` (full length everywhere, dropped tokens' key-valid bits cleared: the
+      reference); see the module docstring.
   """
 
   bounds: tuple[tuple[int, int], ...]
   visual_counts: tuple[int, ...]
   score: str = "fastv"
   positions: str = "original"
+  mode: str = "gather"
 
   def __post_init__(self):
     if len(self.bounds) != len(self.visual_counts) or not self.bounds:
@@ -90,30 +110,41 @@ class PrunePlan:
       raise ValueError(f"PrunePlan.visual_counts={self.visual_counts} must not grow")
     if self.score not in ("fastv", "pdrop") or self.positions not in POSITION_MODES:
       raise ValueError(f"PrunePlan score={self.score!r} positions={self.positions!r}")
+    if self.mode not in PRUNE_MODES:
+      raise ValueError(f"PrunePlan.mode={self.mode!r}; expected one of {PRUNE_MODES}")
 
   @classmethod
-  def none(cls, num_layers: int, n: int) -> "PrunePlan":
-    return cls(((0, num_layers),), (n,))
+  def none(cls, num_layers: int, n: int, mode: str = "gather") -> "PrunePlan":
+    return cls(((0, num_layers),), (n,), mode=mode)
 
   @classmethod
-  def fastv(cls, num_layers: int, n: int, config: fastv_lib.FastVConfig) -> "PrunePlan":
+  def fastv(cls, num_layers: int, n: int, config: fastv_lib.FastVConfig,
+            mode: str = "gather") -> "PrunePlan":
     if not config.layer < num_layers:
       raise ValueError(f"FastV layer {config.layer} must be < num_layers {num_layers}")
     return cls(((0, config.layer), (config.layer, num_layers)), (n, config.kept(n)), "fastv",
-               config.positions)
+               config.positions, mode)
 
   @classmethod
-  def pdrop(cls, n: int, schedule: pyramid_drop.PyramidSchedule) -> "PrunePlan":
+  def pdrop(cls, n: int, schedule: pyramid_drop.PyramidSchedule,
+            mode: str = "gather") -> "PrunePlan":
     return cls(schedule.stage_bounds(), (n,) + schedule.kept_counts(n), "pdrop",
-               schedule.positions)
+               schedule.positions, mode)
 
   @property
   def num_layers(self) -> int:
     return self.bounds[-1][1]
 
-  def stage_lengths(self, t: int) -> tuple[int, ...]:
-    """Sequence length of each stage for a prompt of `t` slots."""
+  def kept_lengths(self, t: int) -> tuple[int, ...]:
+    """Tokens that survive into each stage for a prompt of `t` slots: `t - (N - n_s)`."""
     return tuple(t - (self.visual_counts[0] - n) for n in self.visual_counts)
+
+  def stage_lengths(self, t: int) -> tuple[int, ...]:
+    """Sequence length each stage computes on (and caches) for a prompt of `t` slots: the kept
+    length in `gather` mode, the full `t` in every stage in `mask` mode."""
+    if self.mode == "mask":
+      return (t,) * len(self.bounds)
+    return self.kept_lengths(t)
 
   def average_visual_retention(self) -> float:
     n0 = self.visual_counts[0]
@@ -130,8 +161,9 @@ class GenerationOutput:
     lengths: [B] int32 number of generated tokens including EOS.
     hidden: [B, max_new, D] final-norm hidden state whose logits produced `tokens[:, t]` (GLaMM
       reads each [SEG]'s mask embedding from exactly this state).
-    keep_index: [B, T_last] int32 prompt slots that survived in the last stage (identity when
-      nothing was pruned inside the LLM).
+    keep_index: [B, T_last] int32 prompt slots that survived in the last stage, ascending
+      (`T_last = plan.kept_lengths(T)[-1]` in both modes; identity when nothing was pruned
+      inside the LLM).
   """
 
   tokens: jax.Array
@@ -169,13 +201,51 @@ def _sample(logits, rng, sampler: SamplerConfig):
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def _stage_scores(llm, plan: PrunePlan, out, end, x, pos, last, key_valid):
+  """Last-query attention [B, T_s] of a stage boundary (shared by both modes).
+
+  FastV reads layer end-1's own q/k (`out[2]` of `run_layers(..., return_qk=True)`); PyramidDrop
+  computes layer `end`'s q/k on the stage output. `last` [B] is the scoring query's slot and
+  `key_valid` [B, T_s] the keys it may see (the stage's attention keys).
+  """
+  if plan.score == "fastv":
+    q, k = out[2]
+  else:
+    q, k = llm.layer_query_key(end, x, pos)
+  return attention_scores.last_query_scores(attention_scores.take_rows(q, last), k, key_valid)
+
+
+def _select_visual(scores, vis, n_s: int, k: int):
+  """The stage's keep decision: top `k` of the `n_s` visual slots marked by `vis` [B, T_s].
+
+  Returns [B, T_s] bool, True on every slot not marked by `vis` and on the kept visual slots.
+  """
+  vis_scores = gather.visual_values(scores, vis, n_s)                         # [B, n_s]
+  prio = jax.vmap(ranking.priority)(vis_scores)
+  _, top = jax.lax.top_k(prio, k)
+  return gather.sequence_keep_mask(vis, ranking.keep_mask(top, n_s))
+
+
+def _last_true_index(mask):
+  """[B, T] bool -> [B] int32 index of each row's last True slot (holes allowed)."""
+  t = mask.shape[-1]
+  return jnp.max(jnp.where(mask, jnp.arange(t, dtype=jnp.int32), -1), axis=-1)
+
+
+def _first_true_index(mask):
+  """[B, T] bool -> [B] int32 index of each row's first True slot."""
+  return jnp.argmax(mask, axis=-1).astype(jnp.int32)
+
+
 def _prefill(llm, embeds, positions, valid, visual_mask, plan: PrunePlan, max_new: int):
   """Runs the prompt through every stage, pruning between stages.
 
-  Returns (caches, last-stage positions [B,T_last], last-stage valid [B,T_last], keep_index
-  [B,T_last] into the original slots, final-norm hidden of each row's last prompt token [B,D],
-  and each stage's positions for decoding).
+  Returns (caches, keep_index [B, T_last] into the original slots, final-norm hidden of each
+  row's last prompt token [B, D], each stage's first decode position [B], and the stage lengths
+  (each stage's cache slot where decoding starts)).
   """
+  if plan.mode == "mask":
+    return _prefill_mask(llm, embeds, positions, valid, visual_mask, plan, max_new)
   b, t, _ = embeds.shape
   x, pos, val, vis = embeds, positions, valid, visual_mask
   index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -183,9 +253,9 @@ def _prefill(llm, embeds, positions, valid, visual_mask, plan: PrunePlan, max_ne
   caches, stage_next_pos = [], []
   for s, ((start, end), n_s) in enumerate(zip(plan.bounds, plan.visual_counts)):
     cache = llm.init_cache(b, lengths[s] + max_new, start, end)
+    # Gathers are stable and text is never dropped, so the prompt stays contiguous at the front.
     last = attention_scores.last_query_index(val)
-    last_pos = attention_scores.take_rows(pos, last)
-    stage_next_pos.append(last_pos + 1)
+    stage_next_pos.append(attention_scores.take_rows(pos, last) + 1)
     is_last_stage = s == len(plan.bounds) - 1
     need_own_qk = not is_last_stage and plan.score == "fastv"
     out = llm.run_layers(x, pos, start, end, cache=cache, cache_write_index=0, key_valid=val,
@@ -194,22 +264,60 @@ def _prefill(llm, embeds, positions, valid, visual_mask, plan: PrunePlan, max_ne
     caches.append(cache)
     if is_last_stage:
       break
-    if plan.score == "fastv":
-      q, k = out[2]
-    else:
-      q, k = llm.layer_query_key(end, x, pos)
-    scores = attention_scores.last_query_scores(attention_scores.take_rows(q, last), k, val)
-    vis_scores = gather.visual_values(scores, vis, n_s)                        # [B, n_s]
-    prio = jax.vmap(ranking.priority)(vis_scores)
-    _, top = jax.lax.top_k(prio, plan.visual_counts[s + 1])
-    keep_vis = ranking.keep_mask(top, n_s)
-    keep_all = gather.sequence_keep_mask(vis, keep_vis)
+    scores = _stage_scores(llm, plan, out, end, x, pos, last, val)
+    keep_all = _select_visual(scores, vis, n_s, plan.visual_counts[s + 1])
     x, order, _ = gather.gather_kept(x, keep_all, lengths[s + 1])
     pos = gather.kept_positions(keep_all, order, plan.positions, pos)
     val = jnp.take_along_axis(val, order, axis=1)
     vis = jnp.take_along_axis(vis, order, axis=1)
     index = jnp.take_along_axis(index, order, axis=1)
   hidden = llm.final_norm(attention_scores.take_rows(x, attention_scores.last_query_index(val)))
+  return tuple(caches), index, hidden, tuple(stage_next_pos), lengths
+
+
+def _prefill_mask(llm, embeds, positions, valid, visual_mask, plan: PrunePlan, max_new: int):
+  """`_prefill` in mask mode: full length `T` in every stage, drops clear key-valid bits.
+
+  `alive` [B, T] marks the slots not dropped so far (all text and padding, surviving visual
+  tokens). Stage s attends to keys `valid & alive_s` (written into its cache's valid bits, so
+  decode steps never see dropped tokens either), while `valid` alone (prompt-valid) still
+  defines the prompt. The scoring query is the last prompt slot that is alive, which is the gather
+  mode's `sum(valid) - 1` after its gathers (the last real prompt token unless that was a dropped
+  visual token); key validity has holes here, so it is found by index, not by a count.
+  """
+  b, t, _ = embeds.shape
+  x, pos = embeds, positions
+  alive = jnp.ones((b, t), jnp.bool_)
+  lengths = plan.stage_lengths(t)                                             # (t,) * stages
+  caches, stage_next_pos = [], []
+  for s, ((start, end), n_s) in enumerate(zip(plan.bounds, plan.visual_counts)):
+    key_valid = valid & alive
+    cache = llm.init_cache(b, t + max_new, start, end)
+    last = _last_true_index(key_valid)
+    stage_next_pos.append(attention_scores.take_rows(pos, last) + 1)
+    is_last_stage = s == len(plan.bounds) - 1
+    need_own_qk = not is_last_stage and plan.score == "fastv"
+    out = llm.run_layers(x, pos, start, end, cache=cache, cache_write_index=0,
+                         key_valid=key_valid, return_qk=need_own_qk)
+    x, cache = out[0], out[1]
+    caches.append(cache)
+    if is_last_stage:
+      break
+    scores = _stage_scores(llm, plan, out, end, x, pos, last, key_valid)
+    # Only the surviving visual slots are ranked; dropped ones are neither candidates nor keys.
+    keep_all = _select_visual(scores, visual_mask & alive, n_s, plan.visual_counts[s + 1])
+    new_alive = alive & keep_all
+    if plan.positions == "compact":
+      # Gather mode numbers its kept slots first + 0, 1, ... where `first` is the position of
+      # its slot 0, i.e. of the first slot alive in this stage; renumber the same slots in place.
+      first = attention_scores.take_rows(pos, _first_true_index(alive))[:, None]
+      pos = first + jnp.cumsum(new_alive.astype(jnp.int32), axis=-1) - 1
+    alive = new_alive
+  hidden = llm.final_norm(attention_scores.take_rows(x, _last_true_index(valid & alive)))
+  # The surviving slots in order: the same array gather mode's composed gathers produce.
+  t_last = plan.kept_lengths(t)[-1]
+  iota = jnp.arange(t, dtype=jnp.int32)
+  index = jnp.argsort(jnp.where(alive, iota, t + iota), axis=-1)[:, :t_last].astype(jnp.int32)
   return tuple(caches), index, hidden, tuple(stage_next_pos), lengths
 
 
@@ -243,7 +351,8 @@ def generate_fn(llm, embeds, valid, visual_mask, rng, positions=None, *, plan: P
     visual_mask: [B, T] bool, the visual slots (plan.visual_counts[0] per row).
     rng: a PRNG key (used only when sampling).
     positions: [B, T] int position ids (default 0..T-1; pre-LLM pruning passes gapped ones).
-    plan: the in-LLM pruning plan (`PrunePlan.none` for none).
+    plan: the in-LLM pruning plan (`PrunePlan.none` for none); `plan.mode` picks gather (fast)
+      or mask (full-length reference) application of its drops.
     sampler: decoding options.
 
   Returns:
