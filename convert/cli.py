@@ -1,4 +1,7 @@
-"""Command line: `python -m convert glamm --glamm DIR --clip DIR --out DIR [--dtype bfloat16]`.
+"""Command line:
+  `python -m convert glamm --glamm DIR --clip DIR --out DIR [--dtype bfloat16]`
+  `python -m convert omg_llava --internlm DIR --omg-llava FILE.pth --omg-seg omg_seg_convl.pth
+     [--openclip FILE] --class-embed FILE.pth --out DIR [--dtype bfloat16]` (convert/omg_llava.py)
 
 The output directory appears only when the conversion succeeded: everything is written to a
 sibling `OUT.tmp-*` directory first and renamed at the end; on any error the temporary directory
@@ -14,7 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -41,6 +44,28 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--overwrite", action="store_true",
                  help="replace an existing --out (only after the new conversion succeeded)")
   g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+  o = sub.add_parser("omg_llava", help="OMG-LLaVA (zhangtao-whu/OMG-LLaVA release files)")
+  o.add_argument("--internlm", required=True,
+                 help="internlm2-chat-7b directory (config.json, safetensors shards + index, "
+                      "tokenizer files)")
+  o.add_argument("--omg-llava", required=True,
+                 help="OMG-LLaVA .pth (e.g. finetuned_gcg.pth): LoRA factors, resized embedding "
+                      "and head, projectors, [SEG] decoder copies")
+  o.add_argument("--omg-seg", required=True, help="omg_seg_convl.pth (OMG-Seg weights)")
+  o.add_argument("--openclip", default=None,
+                 help="OpenCLIP convnext_large_d_320 weights (visual.trunk.*); read only when "
+                      "omg_seg_convl.pth has no backbone.* keys")
+  o.add_argument("--class-embed", required=True,
+                 help="convnext_large_d_320_CocoPanopticOVDataset.pth (class text embeddings)")
+  o.add_argument("--out", required=True, help="output directory (must not exist)")
+  o.add_argument("--dtype", default="bfloat16", choices=DTYPES,
+                 help="storage dtype of the LLM (vision path and projectors stay float32)")
+  o.add_argument("--size", default="omg_llava_7b", choices=("omg_llava_7b", "tiny"),
+                 help="model configuration; omg_llava_7b for the release")
+  o.add_argument("--overwrite", action="store_true",
+                 help="replace an existing --out (only after the new conversion succeeded)")
+  o.add_argument("--no-progress", action="store_true", help="no progress bar")
   return p
 
 
@@ -88,27 +113,43 @@ def convert_glamm(glamm_dir: str, clip_dir: str, out_dir: str, dtype: str = "bfl
   ]
   steps = pipeline.plan(sources, shapes)   # raises with every problem before anything is written
 
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
-  writer = None
-  try:
+  def fill(tmp: str) -> None:
     writer = GroupWriter(tmp, {p: (s, np_dtype) for p, s in shapes.items()},
                          glamm_table.group_of)
-    pipeline.run(sources, steps, writer, np_dtype, progress=progress)
-    writer.finish({"model": "glamm", "dtype": dtype, "sam_size": sam_size,
-                   "sources": {"glamm": os.path.abspath(glamm_dir),
-                               "clip": os.path.abspath(clip_dir)},
-                   "skipped": sorted(f"{s}: {k}" for (s, k), st in steps.items() if st is None)})
-    writer = None
+    try:
+      pipeline.run(sources, steps, writer, np_dtype, progress=progress)
+      writer.finish({"model": "glamm", "dtype": dtype, "sam_size": sam_size,
+                     "sources": {"glamm": os.path.abspath(glamm_dir),
+                                 "clip": os.path.abspath(clip_dir)},
+                     "skipped": sorted(f"{s}: {k}" for (s, k), st in steps.items() if st is None)})
+    except BaseException:
+      _close_quietly(writer)
+      raise
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(config.to_dict(), f, indent=1)
     shutil.copyfile(os.path.join(glamm_dir, "config.json"), os.path.join(tmp, "source_config.json"))
     shutil.copyfile(os.path.join(clip_dir, "config.json"), os.path.join(tmp, "clip_config.json"))
-    for name in TOKENIZER_FILES:
-      src = os.path.join(glamm_dir, name)
-      if os.path.isfile(src):
-        shutil.copyfile(src, os.path.join(tmp, name))
+    copy_tokenizer_files(glamm_dir, tmp)
+
+  write_model_dir(out_dir, fill, overwrite=overwrite)
+  n = sum(1 for s in steps.values() if s is not None)
+  return {"seconds": time.time() - t0, "tensors": n, "skipped": len(steps) - n,
+          "parameters": int(sum(np.prod(s) for s in shapes.values())), "out": out_dir}
+
+
+def write_model_dir(out_dir: str, fill: Callable[[str], None], *, overwrite: bool = False) -> None:
+  """Atomic output: `fill(tmp)` writes everything into a fresh sibling directory `OUT.tmp-*`,
+  which is then renamed to `out_dir` (an existing `out_dir` is swapped out and deleted only after
+  that, with `overwrite`). On any error, or an interrupt, the temporary directory is removed and
+  `out_dir` is left as it was."""
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir) and not overwrite:
+    raise FileExistsError(f"{out_dir} already exists (pass --overwrite to replace it)")
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+  try:
+    fill(tmp)
     old = None
     if os.path.exists(out_dir):   # --overwrite: swap, then delete the old directory
       old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=parent)
@@ -117,16 +158,22 @@ def convert_glamm(glamm_dir: str, clip_dir: str, out_dir: str, dtype: str = "bfl
     if old:
       shutil.rmtree(old)
   except BaseException:
-    if writer is not None:
-      try:
-        writer.close()
-      except Exception:  # noqa: BLE001 - the original error matters more
-        pass
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  n = sum(1 for s in steps.values() if s is not None)
-  return {"seconds": time.time() - t0, "tensors": n, "skipped": len(steps) - n,
-          "parameters": int(sum(np.prod(s) for s in shapes.values())), "out": out_dir}
+
+
+def copy_tokenizer_files(src_dir: str, dst_dir: str) -> None:
+  for name in TOKENIZER_FILES:
+    src = os.path.join(src_dir, name)
+    if os.path.isfile(src):
+      shutil.copyfile(src, os.path.join(dst_dir, name))
+
+
+def _close_quietly(writer) -> None:
+  try:
+    writer.close()
+  except Exception:  # noqa: BLE001 - the original error matters more
+    pass
 
 
 def _bf16():
@@ -140,5 +187,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = convert_glamm(args.glamm, args.clip, args.out, dtype=args.dtype,
                             sam_size=args.sam_size, overwrite=args.overwrite,
                             progress=not args.no_progress)
+    print(json.dumps(summary), file=sys.stderr)
+  elif args.model == "omg_llava":
+    from convert.omg_llava import convert_omg_llava
+    summary = convert_omg_llava(args.internlm, args.omg_llava, args.omg_seg, args.class_embed,
+                                args.out, openclip=args.openclip, dtype=args.dtype,
+                                size=args.size, overwrite=args.overwrite,
+                                progress=not args.no_progress)
     print(json.dumps(summary), file=sys.stderr)
   return 0

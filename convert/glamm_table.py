@@ -42,10 +42,19 @@ Transform = Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
+  """One row: keys matching `pattern` go to `target` through `transform(array, target_shape)`.
+
+  A tuple `target` is a split row (one key -> several parameters, e.g. InternLM2's fused wqkv):
+  `transform(array, (shape, ...))` then returns a tuple of arrays, one per target, in order.
+  """
   pattern: re.Pattern
-  target: str | None          # template with \1-style references; None = skip
+  target: str | tuple[str, ...] | None   # template(s) with \1-style references; None = skip
   transform: Transform | None
   transform_name: str = ""
+
+  @property
+  def split(self) -> bool:
+    return isinstance(self.target, tuple)
 
 
 def _from_param_table(table, prefix: str, target_prefix: str) -> list[Rule]:
@@ -54,7 +63,12 @@ def _from_param_table(table, prefix: str, target_prefix: str) -> list[Rule]:
   rules = []
   for pattern, target, fn in table:
     full = re.escape(prefix) + pattern
-    tgt = None if target is None else target_prefix + target
+    if target is None:
+      tgt = None
+    elif isinstance(target, tuple):   # split row
+      tgt = tuple(target_prefix + t for t in target)
+    else:
+      tgt = target_prefix + target
     rules.append(Rule(re.compile(full), tgt, (lambda f: lambda w, shape: f(w))(fn),
                       getattr(fn, "__name__", "transform")))
   return rules
@@ -104,7 +118,8 @@ def _path(target: str) -> tuple:
 
 
 def map_key(key: str, rules: Sequence[Rule]) -> tuple[tuple, Rule] | None:
-  """(model path, rule) for `key`, None when a rule skips it.
+  """(model path, rule) for `key`, None when a rule skips it. For a split rule (`rule.split`) the
+  first element is the tuple of model paths, one per array the transform returns.
 
   Raises:
     KeyError: no rule matches.
@@ -115,6 +130,8 @@ def map_key(key: str, rules: Sequence[Rule]) -> tuple[tuple, Rule] | None:
       continue
     if rule.target is None:
       return None
+    if rule.split:
+      return tuple(_path(m.expand(t)) for t in rule.target), rule
     return _path(m.expand(rule.target)), rule
   raise KeyError(key)
 

@@ -63,7 +63,12 @@ def merge_lora(base, lora_a, lora_b, scale: float) -> np.ndarray:
   if a.shape[1] != w.shape[1] or b.shape[0] != w.shape[0] or b.shape[1] != a.shape[0]:
     raise ValueError(f"merge_lora: shapes do not chain: base {w.shape} (out, in), lora_A {a.shape} "
                      f"(r, in), lora_B {b.shape} (out, r)")
-  return w + np.float32(scale) * (b @ a)
+  # In place on the product: one [out, in] temporary (1.5 GB for the 92548 x 4096 head) instead
+  # of three; the same float32 operations, so the result is bit-identical to w + scale * (b @ a).
+  out = b @ a
+  out *= np.float32(scale)
+  out += w
+  return out
 
 
 def lora_pairs(keys: Iterable[str], prefix: str = OMG_LLM_PREFIX, adapter: str | None = "default"
@@ -77,6 +82,18 @@ def lora_pairs(keys: Iterable[str], prefix: str = OMG_LLM_PREFIX, adapter: str |
     ValueError: listing together every A without a B, B without an A, key with another adapter
       name, LoRA key outside `prefix`, or unreadable `lora_` key.
   """
+  pairs, errors = pair_lora_keys(keys, prefix, adapter)
+  if errors:
+    raise ValueError(f"LoRA keys do not pair up ({len(errors)} problems):\n  "
+                     + "\n  ".join(errors))
+  return pairs
+
+
+def pair_lora_keys(keys: Iterable[str], prefix: str = OMG_LLM_PREFIX,
+                   adapter: str | None = "default"
+                   ) -> tuple[dict[str, tuple[str, str]], list[str]]:
+  """`lora_pairs` without raising: (the complete pairs, one message per problem key), for
+  converters that report every problem of a checkpoint together."""
   found: dict[str, dict[str, str]] = {}
   errors: list[str] = []
   for key in sorted(keys):
@@ -102,10 +119,9 @@ def lora_pairs(keys: Iterable[str], prefix: str = OMG_LLM_PREFIX, adapter: str |
     for have, want in (("A", "B"), ("B", "A")):
       if have in slot and want not in slot:
         errors.append(f"{slot[have]!r}: lora_{have} without lora_{want} (target {base!r})")
-  if errors:
-    raise ValueError(f"LoRA keys do not pair up ({len(errors)} problems):\n  "
-                     + "\n  ".join(errors))
-  return {base: (slot["A"], slot["B"]) for base, slot in sorted(found.items())}
+  pairs = {base: (slot["A"], slot["B"]) for base, slot in sorted(found.items())
+           if "A" in slot and "B" in slot}
+  return pairs, errors
 
 
 def merged_llm_state(base_state: Mapping[str, object], omg_state: Mapping[str, object], *,

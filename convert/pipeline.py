@@ -36,26 +36,45 @@ class Source:
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-  path: tuple
+  """How one source key is converted: into `paths` (one model path, or several for a split rule,
+  in the order the transform returns its arrays) by `rule`; `nbytes` counts source elements."""
+  paths: tuple[tuple, ...]
   rule: Rule
   nbytes: int
 
+  @property
+  def path(self) -> tuple:
+    """The model path of a one-to-one step."""
+    if len(self.paths) != 1:
+      raise AttributeError(f"a split step has several paths: {self.paths}")
+    return self.paths[0]
 
-def _shape_after(rule: Rule, shape: tuple[int, ...], dtype: str, target: tuple[int, ...]):
-  """The shape `rule.transform` produces, computed on a zero-stride array (nothing allocated)."""
+
+def _shapes_after(rule: Rule, shape: tuple[int, ...], targets: tuple[tuple[int, ...], ...]
+                  ) -> tuple[tuple[int, ...], ...]:
+  """The shape(s) `rule.transform` produces, computed on a zero-stride array (nothing allocated)."""
   dummy = np.broadcast_to(np.zeros((), np.float32), shape)
-  return tuple(rule.transform(dummy, target).shape)
+  if rule.split:
+    out = rule.transform(dummy, targets)
+    if not isinstance(out, tuple) or len(out) != len(targets):
+      raise ValueError(f"split transform returned {type(out).__name__}, expected a tuple of "
+                       f"{len(targets)} arrays")
+    return tuple(tuple(o.shape) for o in out)
+  return (tuple(rule.transform(dummy, targets[0]).shape),)
 
 
-def plan(sources: Sequence[Source], expected: dict[tuple, tuple[int, ...]]
-         ) -> dict[tuple[str, str], Step | None]:
+def plan(sources: Sequence[Source], expected: dict[tuple, tuple[int, ...]],
+         problems: Sequence[str] = ()) -> dict[tuple[str, str], Step | None]:
   """Maps every (source name, key) to a Step (or None for a deliberate skip).
+
+  `problems`: errors the caller already found (e.g. a source's own consistency checks); they are
+  reported in the same error, first.
 
   Raises:
     ConversionError: listing all unknown keys, keys mapping to no parameter, parameters filled
       twice, non-float tensors, shape mismatches, and parameters no key fills.
   """
-  errors: list[str] = []
+  errors: list[str] = list(problems)
   steps: dict[tuple[str, str], Step | None] = {}
   filled: dict[tuple, str] = {}
   for src in sources:
@@ -69,30 +88,37 @@ def plan(sources: Sequence[Source], expected: dict[tuple, tuple[int, ...]]
       if mapped is None:
         steps[(src.name, key)] = None
         continue
-      path, rule = mapped
-      target = path_str(path)
-      if path not in expected:
-        errors.append(f"{where} -> {target}: the model has no such parameter")
+      paths = mapped[0] if mapped[1].split else (mapped[0],)
+      rule = mapped[1]
+      target = ", ".join(path_str(p) for p in paths)
+      bad = False
+      for path in paths:
+        if path not in expected:
+          errors.append(f"{where} -> {path_str(path)}: the model has no such parameter")
+          bad = True
+        elif path in filled:
+          errors.append(f"{where} -> {path_str(path)}: already filled by {filled[path]}")
+          bad = True
+        else:
+          filled[path] = f"{src.name}: {key}"
+      if bad:
         continue
-      if path in filled:
-        errors.append(f"{where} -> {target}: already filled by {filled[path]}")
-        continue
-      filled[path] = f"{src.name}: {key}"
       if info.dtype not in _FLOAT_DTYPES:
         errors.append(f"{where} -> {target}: dtype {info.dtype} is not a float type")
         continue
-      want = tuple(expected[path])
+      want = tuple(tuple(expected[p]) for p in paths)
+      shown = want if rule.split else want[0]
       try:
-        got = _shape_after(rule, info.shape, info.dtype, want)
+        got = _shapes_after(rule, info.shape, want)
       except ValueError as e:
         errors.append(f"{where} -> {target}: {rule.transform_name} cannot map it to the model's "
-                      f"{want}: {e}")
+                      f"{shown}: {e}")
         continue
       if got != want:
-        errors.append(f"{where} -> {target}: shape {got} after {rule.transform_name}, "
-                      f"the model expects {want}")
+        errors.append(f"{where} -> {target}: shape {got if rule.split else got[0]} after "
+                      f"{rule.transform_name}, the model expects {shown}")
         continue
-      steps[(src.name, key)] = Step(path, rule, int(np.prod(info.shape, dtype=np.int64)))
+      steps[(src.name, key)] = Step(tuple(paths), rule, int(np.prod(info.shape, dtype=np.int64)))
   for path in sorted(set(expected) - set(filled), key=path_str):
     errors.append(f"model parameter {path_str(path)} {tuple(expected[path])}: no checkpoint key "
                   "fills it (missing key)")
@@ -104,23 +130,34 @@ def plan(sources: Sequence[Source], expected: dict[tuple, tuple[int, ...]]
 
 
 def run(sources: Sequence[Source], steps: dict[tuple[str, str], Step | None],
-        writer: GroupWriter, dtype: np.dtype, progress: bool = True) -> None:
-  """Streams every mapped tensor through its transform, cast to `dtype`, into `writer`."""
-  itemsize = np.dtype(dtype).itemsize
-  total = sum(s.nbytes * itemsize for s in steps.values() if s is not None)
+        writer: GroupWriter, dtype: np.dtype | None = None, progress: bool = True) -> None:
+  """Streams every mapped tensor through its transform into `writer`, each output cast to the
+  dtype the writer expects for its parameter (`dtype`, if given, must be that dtype everywhere;
+  kept for callers that store one dtype)."""
+  if dtype is not None:
+    other = {str(d) for _, d in writer.expected.values()} - {str(np.dtype(dtype))}
+    if other:
+      raise ValueError(f"run(dtype={np.dtype(dtype)}) but the writer expects {sorted(other)}")
+  total = sum(s.nbytes * np.dtype(writer.expected[s.paths[0]][1]).itemsize
+              for s in steps.values() if s is not None)
   with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
             disable=not progress, mininterval=1.0, dynamic_ncols=True) as bar:
     for src in sources:
       for key, array in _mapped_tensors(src, steps):
         step = steps[(src.name, key)]
-        shape, _ = writer.expected[step.path]
-        out = step.rule.transform(array, tuple(shape))
-        out = np.array(out, dtype=dtype, order="C")   # one copy: cast + contiguous, off the mmap
+        shapes = tuple(tuple(writer.expected[p][0]) for p in step.paths)
+        outs = step.rule.transform(array, shapes if step.rule.split else shapes[0])
+        if not step.rule.split:
+          outs = (outs,)
         del array
         bar.set_postfix_str(f"{src.name}: {os.path.basename(key)}"[-48:], refresh=False)
-        writer.add(step.path, out, f"{src.name}: {key}")
-        bar.update(out.nbytes)
-        del out
+        for path, out in zip(step.paths, outs):
+          # One copy: cast + contiguous, off the mmap.
+          out = np.array(out, dtype=writer.expected[path][1], order="C")
+          writer.add(path, out, f"{src.name}: {key}")
+          bar.update(out.nbytes)
+          del out
+        del outs
 
 
 def _mapped_tensors(src: Source, steps):
