@@ -171,3 +171,26 @@ def load_glamm(model_dir: str, mesh: jax.sharding.Mesh | None = None, shardings=
     config = GLaMMConfig.from_dict(json.load(f))
   return restore_into(abstract_glamm(config), model_dir, group_of, mesh=mesh,
                       shardings=shardings, dtype=dtype)
+
+
+def load_omg_llava(model_dir: str, mesh: jax.sharding.Mesh | None = None, shardings=None,
+                   dtype: Any = None):
+  """A `models.omg_llava.modeling.OMGLLaVA` from a directory written by `python -m convert
+  omg_llava`, every array (the class-embedding buffer included) restored straight into its
+  `NamedSharding` from the logical axis names.
+
+  Args:
+    model_dir: the converted directory (config.json, manifest.json, params/).
+    mesh: mesh for the logical axis rules; default: replicated on the first device.
+    shardings: `nnx.State` of `NamedSharding`s for every variable; overrides `mesh`.
+    dtype: cast every array to this dtype while restoring (default: as stored, i.e. the LLM in
+      the conversion's --dtype and the vision path and projectors in float32).
+  """
+  from convert.omg_llava_table import group_of
+  from models.omg_llava.config import OMGLLaVAConfig
+  from models.omg_llava.modeling import abstract_omg_llava
+
+  with open(os.path.join(model_dir, "config.json")) as f:
+    config = OMGLLaVAConfig.from_dict(json.load(f))
+  return restore_into(abstract_omg_llava(config), model_dir, group_of, mesh=mesh,
+                      shardings=shardings, dtype=dtype)
