@@ -107,14 +107,28 @@ class GCGOptions:
   grid: tuple[int, int] = (24, 24)
 
 
+def altp_score(source: str, visual_tokens, cls_scores):
+  """ALTP's token score [B, N] for the pre-LLM placement: `clip_cls` (CLS attention),
+  `feature_norm` (L2 norm of the projected token) or `uniform` (all equal; ties then go to the
+  lower index inside a superpixel)."""
+  if source == "clip_cls":
+    return cls_scores
+  if source == "feature_norm":
+    return jnp.linalg.norm(visual_tokens.astype(jnp.float32), axis=-1)
+  if source == "uniform":
+    return jnp.zeros(cls_scores.shape, jnp.float32)
+  raise ValueError(f"ALTP score source {source!r} is not available before the LLM "
+                   "(use clip_cls, feature_norm or uniform)")
+
+
 def pre_llm_keep(method, k, visual_tokens, cls_scores, labels, rng, altp_cfg, num_segments,
-                 grid):
+                 grid, detail=None):
   """[B, k] ascending kept visual-token indices for the pre-LLM methods."""
   b, n = cls_scores.shape
   if method == "altp":
     return altp_jax.altp.altp_select(cls_scores, labels, k, config=altp_cfg,
                                      features=visual_tokens.astype(jnp.float32),
-                                     num_segments=num_segments)
+                                     detail=detail, num_segments=num_segments)
   if method == "topk":
     return altp_jax.topk_select(cls_scores, k)
   if method == "random":
@@ -176,8 +190,15 @@ def gcg_forward(model, ids, valid, visual_mask, clip_pixels, sam_pixels, labels,
       labels = superpixels.token_labels(pix, options.grid, g, prune.altp.token_labels)
     else:
       g = prune.num_segments(n)
+    if prune.method == "altp" and prune.altp.score != "clip_cls":
+      cls = altp_score(prune.altp.score, visual, cls)
+    detail = None
+    if prune.method == "altp" and prune.altp.density == "pixel_detail":
+      # Mean Sobel magnitude per token patch of the CLIP input (same values as the host version).
+      detail = superpixels.patch_detail_device(images01, options.grid)
     rng, sub = jax.random.split(rng)
-    keep = pre_llm_keep(prune.method, k, visual, cls, labels, sub, prune.altp, g, options.grid)
+    keep = pre_llm_keep(prune.method, k, visual, cls, labels, sub, prune.altp, g, options.grid,
+                        detail)
     keep_all = gather.sequence_keep_mask(visual_mask, ranking.keep_mask(keep, n))
     length = t - (n - k)
     ids, index, _ = gather.gather_kept(ids, keep_all, length)
