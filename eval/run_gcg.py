@@ -191,11 +191,16 @@ def _write_json(path, obj):
   os.replace(tmp, path)
 
 
+MODELS = ("glamm", "omg_llava")
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(prog="python -m eval.gcg", description=__doc__.split("\n")[0])
+  p.add_argument("--model", default="glamm", choices=MODELS,
+                 help="omg_llava runs eval/omg_gcg.py (its options: --model omg_llava --help)")
   p.add_argument("--checkpoint", "--ckpt", default=None,
                  help="directory written by `python -m convert glamm`; without it, the embedded "
-                      "default (a tiny random-weight GLaMM on our scikit-image sample) runs")
+                      "default runs (our trained synthetic GLaMM on 16 generated test scenes)")
   p.add_argument("--images", default=None, help="folder of images (GranDf val_test images)")
   p.add_argument("--annotations", "--gt-dir", default=None,
                  help="GranDf annotations folder ({split}_gcg_coco_{caption,mask}_gt.json)")
@@ -241,9 +246,16 @@ def summary_table(metrics: dict, record: dict) -> str:
 
 
 def main(argv=None):
+  import sys
   import altp_jax
   from eval.tokenizer import load_tokenizer, seg_token_id
 
+  argv = sys.argv[1:] if argv is None else list(argv)
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--model", default="glamm", choices=MODELS)
+  if pre.parse_known_args(argv)[0].model == "omg_llava":
+    from eval import omg_gcg
+    return omg_gcg.main(argv)
   args = parse_args(argv)
   from eval import multihost
   from models import mesh as mesh_lib
@@ -256,30 +268,26 @@ def main(argv=None):
     model = load_glamm(args.checkpoint, mesh=mesh)
     images, annotations = args.images, args.annotations
   else:
-    from eval import embedded_sample
-    print("No --checkpoint: running the embedded default (tiny random-weight GLaMM on four "
-          "scikit-image photos with our captions and masks). Its captions and masks are noise; "
-          "it shows the pipeline end to end, not GLaMM's quality.")
-    sample_dir = os.path.join(args.out, "embedded_sample")
-    images, annotations = embedded_sample.write_sample(sample_dir)
-    model, tokenizer = embedded_sample.tiny_model_and_tokenizer(sample_dir)
-    if args.max_new_tokens == 512:
-      args.max_new_tokens = 32
-  options = gcg.GCGOptions(
-      prune=gcg.PruneConfig(method=args.prune, keep_ratio=args.keep_ratio,
-                            altp=altp_jax.ALTPConfig(density=args.density),
-                            superpixels=args.superpixels, positions=args.positions,
-                            fastv_layer=args.fastv_layer),
-      sampler=gen.SamplerConfig(max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id,
-                                pad_id=tokenizer.pad_id or 0),
-      seg_id=seg_token_id(tokenizer), max_segs=args.max_segs,
-      grid=(model.config.vision.grid,) * 2)
+    from eval import embedded_default
+    images, annotations, model, tokenizer = embedded_default.prepare(args)
+  if not args.checkpoint:
+    options = embedded_default.options(args, model, tokenizer)
+  else:
+    options = gcg.GCGOptions(
+        prune=gcg.PruneConfig(method=args.prune, keep_ratio=args.keep_ratio,
+                              altp=altp_jax.ALTPConfig(density=args.density),
+                              superpixels=args.superpixels, positions=args.positions,
+                              fastv_layer=args.fastv_layer),
+        sampler=gen.SamplerConfig(max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id,
+                                  pad_id=tokenizer.pad_id or 0),
+        seg_id=seg_token_id(tokenizer), max_segs=args.max_segs,
+        grid=(model.config.vision.grid,) * 2)
   record = run(model, tokenizer, images, args.out, options, args.batch_size, args.limit,
                progress=not args.no_progress, mesh=mesh)
   print(json.dumps({k: v for k, v in record.items() if k != "options"}, indent=2))
   if annotations and not args.skip_eval and jax.process_index() == 0:
     from eval import grandf, metrics
-    embedder = None
+    embedder = None if args.checkpoint else embedded_default.recall_embedder()
     if args.bert:
       from eval.text_embedder import BertMeanEmbedder
       embedder = BertMeanEmbedder(args.bert)

@@ -145,7 +145,8 @@ def ablation_configs(keep_ratio: float = 0.1) -> list[EvalConfig]:
   return out
 
 
-def gcg_options(cfg: EvalConfig, model, tokenizer, max_new_tokens: int):
+def gcg_options(cfg: EvalConfig, model, tokenizer, max_new_tokens: int,
+                superpixels: str = "host", max_segs: int = 8):
   import altp_jax
   from eval import gcg
   from eval.tokenizer import seg_token_id
@@ -161,12 +162,12 @@ def gcg_options(cfg: EvalConfig, model, tokenizer, max_new_tokens: int):
     keep = (1.0 + (layers - 1) * cfg.keep_ratio) / layers
   return gcg.GCGOptions(
       prune=gcg.PruneConfig(method=cfg.method, keep_ratio=keep, altp=altp_cfg,
-                            superpixels="host", positions=positions,
+                            superpixels=superpixels, positions=positions,
                             fastv_layer=IN_LLM_LAYER, pdrop_layers=tuple(range(1, layers)),
                             pdrop_base_ratios=(1.0, 0.5, 0.25)),
       sampler=gen.SamplerConfig(max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
                                 pad_id=tokenizer.pad_id or 0),
-      seg_id=seg_token_id(tokenizer), max_segs=8, grid=(model.config.vision.grid,) * 2)
+      seg_id=seg_token_id(tokenizer), max_segs=max_segs, grid=(model.config.vision.grid,) * 2)
 
 
 # -- driver --------------------------------------------------------------------------------------
