@@ -199,7 +199,8 @@ def test_cli_killed_mid_run_loses_nothing(tmp_path):
     json.load(open(os.path.join(pred, f)))
   subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
   final = sorted(f for f in os.listdir(pred) if f.endswith(".json"))
-  assert final == ["sk_astronaut.json", "sk_camera.json", "sk_coins.json", "sk_horse.json"]
+  from eval import embedded_default
+  assert final == [f"syn_test_{i:06d}.json" for i in range(embedded_default.SAMPLE_COUNT)]
   assert all(os.path.getmtime(os.path.join(pred, f)) == t for f, t in first.items())
   assert not [f for f in os.listdir(pred) if ".tmp" in f]
 
