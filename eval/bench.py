@@ -2,7 +2,8 @@
 
     python -m eval.bench --out DIR [--part jax|torch|all|report] [--quick] [--tiny]
         [--batches 1,8,32] [--methods none,altp,fastv,pdrop] [--reductions 0.5,0.75,0.9]
-        [--skip-torch] [--no-search] [--no-components]
+        [--skip-torch] [--no-search] [--no-components] [--sam-attention auto,einsum,...]
+        [--sam-only]
 
 Random bf16 weights at GLaMM-7B shapes (CLIP ViT-L/14-336, Vicuna-7B, SAM ViT-H), a 640-token
 prompt (576 visual + 64 text), 64 new tokens forced (EOS ignored), 8 [SEG] masks per image.
@@ -15,6 +16,10 @@ prompt (576 visual + 64 text), 64 new tokens forced (EOS ignored), 8 [SEG] masks
   segment-anything, eager, SDPA), unpruned and with pre-LLM pruning. Writes DIR/bench_torch.json.
 - `--part all`: both, each in its own process (JAX preallocates device memory; PyTorch caches
   it), then the report. `--part report`: only the report from the JSON files in DIR.
+
+`--sam-attention` lists SAM image-encoder attention paths (`models/sam/config.py`); the
+sam_encoder component is timed once per path. `--part jax --sam-only` times only that component
+(the SAM parameters alone are built), e.g. the old einsum path against the fused ones.
 
 The report (DIR/bench.json, DIR/bench.md, DIR/bench.png) joins the two halves by (method,
 reduction, batch) and gives time ratios ours / theirs: for ALTP against the reference with the
@@ -37,6 +42,11 @@ import sys
 import time
 
 
+# models.sam.config.SAM_ATTENTION_IMPLS, repeated: importing models.sam here would import jax
+# before the torch half sets JAX_PLATFORMS=cpu (tests/test_sam_parity.py checks they agree).
+SAM_ATTENTION_IMPLS = ("auto", "einsum", "xla_bias", "xla_folded", "cudnn_bias", "cudnn_folded")
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(prog="python -m eval.bench", description=__doc__.split("\n")[0])
   p.add_argument("--out", required=True)
@@ -53,6 +63,13 @@ def parse_args(argv=None):
   p.add_argument("--segs", type=int, default=None)
   p.add_argument("--e2e", choices=("split", "fused"), default="split")
   p.add_argument("--sam-chunk", type=int, default=8)
+  p.add_argument("--sam-attention", default="auto",
+                 help="comma list of SAM encoder attention paths (auto, einsum, xla_bias, "
+                      "xla_folded, cudnn_bias, cudnn_folded): the first runs in the model and end "
+                      "to end; the sam_encoder component is timed once per path")
+  p.add_argument("--sam-only", action="store_true",
+                 help="with --part jax: time only the SAM image encoder (its parameters alone), "
+                      "once per --sam-attention path and batch")
   p.add_argument("--compile-workers", type=int, default=min(4, os.cpu_count() or 1))
   p.add_argument("--no-components", dest="components", action="store_false")
   p.add_argument("--no-search", dest="search", action="store_false")
@@ -64,6 +81,13 @@ def parse_args(argv=None):
   a = p.parse_args(argv)
   a.batches = [int(x) for x in (a.batches or ("2" if a.tiny else "1,8,32")).split(",")]
   a.methods = [m for m in a.methods.split(",") if m]
+  a.sam_attention = [x for x in a.sam_attention.split(",") if x]
+  bad_impl = [x for x in a.sam_attention if x not in SAM_ATTENTION_IMPLS]
+  if bad_impl or not a.sam_attention:
+    p.error(f"--sam-attention: unknown {bad_impl}; expected a comma list of "
+            f"{', '.join(SAM_ATTENTION_IMPLS)}")
+  if a.sam_only and a.part not in ("jax", "report"):
+    p.error("--sam-only needs --part jax")
   bad = set(a.methods) - {"none", "altp", "fastv", "pdrop"}
   if bad:
     p.error(f"--methods: unknown {sorted(bad)}; expected none, altp, fastv, pdrop")
@@ -206,10 +230,11 @@ def markdown(rows, meta):
                 key=lambda r: (r["what"], r["framework"], r["batch"], r.get("method") or "",
                                r.get("reduction") or 0))
   for r in comp:
+    what = r["what"] + (f" ({r['sam_attention']})" if r.get("sam_attention") else "")
     per = r.get("ms_per_seg") if r["what"] == "mask_decoder" else (
         None if r["what"] == "decode_step" else r["ms"] / r["batch"])
     lines.append(
-        f"| {r['framework']} | {r['what']} | {r.get('method', '')} | {r.get('reduction', '')} | "
+        f"| {r['framework']} | {what} | {r.get('method', '')} | {r.get('reduction', '')} | "
         f"{r['batch']} | {_f(r['ms'])} | {_f(per, 3)} | {_f(r.get('tflops'), 1)} | "
         f"{_f(r.get('frac_matmul'), 3)} | {_f(r.get('gbps'), 0) if r.get('gbps') else '–'} | "
         f"{_f(r.get('frac_copy'), 2) if r.get('gbps') else '–'} | {_f(r.get('floor_ms'))} |")

@@ -3,6 +3,7 @@ timing statistics and the incrementally written JSON record."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -38,6 +39,13 @@ def bench_config(tiny: bool):
     cfg = GLaMMConfig.tiny(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     return dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, num_layers=8))
   return GLaMMConfig.glamm_7b()
+
+
+def with_sam_attention(config, impl: str):
+  """`config` with the SAM image encoder's attention path set to `impl` (see
+  `models.sam.config.SAM_ATTENTION_IMPLS`)."""
+  enc = dataclasses.replace(config.sam.image_encoder, attention_impl=impl)
+  return dataclasses.replace(config, sam=dataclasses.replace(config.sam, image_encoder=enc))
 
 
 def layout(config, tiny: bool, new_tokens: int | None = None, segs: int | None = None) -> Layout:
@@ -84,6 +92,44 @@ def median_ms(fn: Callable[[], object], sync: Callable[[object], object], repeat
     sync(fn())
     ts.append((time.perf_counter() - t0) * 1e3)
   return dict(ms=statistics.median(ts), ms_min=min(ts), ms_max=max(ts), repeats=repeats)
+
+
+def compile_many(lowerings: dict, workers: int, errors: dict | None = None,
+                 compiler_options: dict | None = None) -> dict:
+  """name -> (compiled, seconds) for name -> thunk returning a `jax.stages.Lowered`; lowering
+  (tracing) runs in the caller's thread, XLA compilation in `workers` threads. Seconds include the
+  lowering. With `errors` (a dict), a program that fails to lower or compile is left out of the
+  result and its exception stored under its name there; without it the first failure raises.
+  `compiler_options` go to every `Lowered.compile` (XLA debug options by name)."""
+  lowered, t_lower = {}, {}
+  for name, thunk in lowerings.items():
+    t0 = time.perf_counter()
+    try:
+      lowered[name] = thunk()
+    except Exception as e:  # noqa: BLE001 - reported through `errors`
+      if errors is None:
+        raise
+      errors[name] = e
+      continue
+    t_lower[name] = time.perf_counter() - t0
+
+  def comp(name):
+    t0 = time.perf_counter()
+    try:
+      return (name, lowered[name].compile(compiler_options=compiler_options),
+              time.perf_counter() - t0, None)
+    except Exception as e:  # noqa: BLE001
+      if errors is None:
+        raise
+      return name, None, 0.0, e
+  out = {}
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+    for name, c, sec, err in pool.map(comp, lowered):
+      if err is not None:
+        errors[name] = err
+      else:
+        out[name] = (c, t_lower[name] + sec)
+  return out
 
 
 class JsonLog:

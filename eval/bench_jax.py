@@ -16,7 +16,6 @@ bounded at large batches.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import time
 
@@ -44,15 +43,17 @@ def matmul_rate(n: int, repeats: int) -> float:
   return 2 * n ** 3 / (ms / 1e3)
 
 
-def build_model(config):
-  """GLaMM with random bf16 parameters made on the default device, leaf by leaf.
+def build_model(config, ctor=None):
+  """GLaMM (or `ctor(config, rngs=...)`, e.g. the SAM ImageEncoder with its config) with random
+  bf16 parameters made on the default device, leaf by leaf; returns (graphdef, state).
 
   Matrices (ndim >= 2: kernels, embeddings, positional tables) are N(0, 0.02^2), as HF's
   `initializer_range`; vectors are ones (norm scales) or zeros (biases). One jitted program
   makes them all from one random draw (see `make`).
   """
-  from models.glamm.modeling import GLaMM
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GLaMM(config, rngs=nnx.Rngs(0))))
+  if ctor is None:
+    from models.glamm.modeling import GLaMM as ctor
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: ctor(config, rngs=nnx.Rngs(0))))
   leaves, treedef = jax.tree.flatten_with_path(abstract)
   kinds = []
   for path, leaf in leaves:
@@ -102,12 +103,31 @@ class _Proxy:
 
 def chunked_sam(model, pixels, chunk: int):
   """SAM image encoder over [B,...] in sequential chunks of `chunk` images."""
+  return chunked(model.sam_embed, pixels, chunk)
+
+
+def chunked(fn, pixels, chunk: int):
+  """fn over [B,...] in sequential chunks of gcd(B, chunk) images (`lax.map`)."""
   b = pixels.shape[0]
   c = int(np.gcd(b, chunk))
   if c == b:
-    return model.sam_embed(pixels)
-  out = jax.lax.map(model.sam_embed, pixels.reshape((b // c, c) + pixels.shape[1:]))
+    return fn(pixels)
+  out = jax.lax.map(fn, pixels.reshape((b // c, c) + pixels.shape[1:]))
   return out.reshape((b,) + out.shape[2:])
+
+
+def sam_attention_paths(enc_config, impl: str) -> dict:
+  """What `impl` runs on this backend in bf16: {"windowed": path, "global": path}."""
+  from models.sam.image_encoder import resolve_attention_impl
+  g, w = enc_config.grid_size, enc_config.window_size
+  out = {}
+  if w and any(enc_config.block_window_size(i) for i in range(enc_config.depth)):
+    out["windowed"] = resolve_attention_impl(impl, jnp.bfloat16, enc_config.head_dim, (w, w),
+                                             enc_config.use_rel_pos)
+  if any(enc_config.block_window_size(i) == 0 for i in range(enc_config.depth)):
+    out["global"] = resolve_attention_impl(impl, jnp.bfloat16, enc_config.head_dim, (g, g),
+                                           enc_config.use_rel_pos)
+  return out
 
 
 def make_inputs(config, lay, b, seed=0):
@@ -145,24 +165,7 @@ def _peak_gb():
   return stats.get("peak_bytes_in_use", 0) / 1e9 or None
 
 
-def compile_many(lowerings: dict, workers: int) -> dict:
-  """name -> (compiled, seconds) for name -> (lowering thunk); lowering (tracing) runs in the
-  caller's thread, XLA compilation in `workers` threads."""
-  lowered = {}
-  t_lower = {}
-  for name, thunk in lowerings.items():
-    t0 = time.perf_counter()
-    lowered[name] = thunk()
-    t_lower[name] = time.perf_counter() - t0
-
-  def comp(name):
-    t0 = time.perf_counter()
-    return name, lowered[name].compile(), time.perf_counter() - t0
-  out = {}
-  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-    for name, c, sec in pool.map(comp, lowered):
-      out[name] = (c, t_lower[name] + sec)
-  return out
+compile_many = common.compile_many   # moved to bench_common (shared with eval.bench_scaling)
 
 
 class Bench:
@@ -170,16 +173,38 @@ class Bench:
 
   def __init__(self, config, lay, args):
     self.config, self.lay, self.args = config, lay, args
+    self.sam_only = getattr(args, "sam_only", False)
     t0 = time.perf_counter()
-    self.graphdef, self.state = build_model(config)
+    if self.sam_only:   # only the SAM image encoder's parameters (--sam-only)
+      from models.sam.image_encoder import ImageEncoder
+      self.graphdef, self.state = build_model(config.sam.image_encoder, ImageEncoder)
+    else:
+      self.graphdef, self.state = build_model(config)
     _sync(self.state)
     self.init_s = time.perf_counter() - t0
     self.model_bytes = _nbytes(self.state)
-    llm_state = nnx.state(nnx.merge(self.graphdef, self.state).llm)
-    self.non_llm_bytes = self.model_bytes - _nbytes(llm_state)
+    if self.sam_only:
+      self.non_llm_bytes = self.model_bytes
+    else:
+      llm_state = nnx.state(nnx.merge(self.graphdef, self.state).llm)
+      self.non_llm_bytes = self.model_bytes - _nbytes(llm_state)
 
   def model(self, state):
     return nnx.merge(self.graphdef, state)
+
+  def sam_encoder(self, state, impl=None):
+    """The SAM image encoder of `state`, its attention switched to `impl` when given."""
+    m = self.model(state)
+    enc = m if self.sam_only else m.grounding_encoder.image_encoder
+    if impl is not None:
+      enc.set_attention_impl(impl)
+    return enc
+
+  def lower_sam(self, x, impl=None):
+    """Thunk lowering the chunked SAM image encoder with attention path `impl`."""
+    chunk = self.args.sam_chunk
+    return lambda: jax.jit(lambda s, p: chunked(self.sam_encoder(s, impl), p, chunk)).lower(
+        self.state, x["sam_px"])
 
   # -- program builders (each returns a thunk giving a `Lowered`) --------------------------------
 
@@ -193,8 +218,9 @@ class Bench:
             st, x["clip_px"])
     feats = jax.ShapeDtypeStruct((b, lay.num_visual, cfg.vision.hidden_size), jnp.bfloat16)
     out["projector"] = lambda: jax.jit(lambda s, f: self.model(s).mm_projector(f)).lower(st, feats)
-    out["sam_encoder"] = lambda: jax.jit(
-        lambda s, p: chunked_sam(self.model(s), p, self.args.sam_chunk)).lower(st, x["sam_px"])
+    out["sam_encoder"] = self.lower_sam(x)
+    for impl in getattr(self.args, "sam_attention", [])[1:]:   # the first is the config's
+      out[("sam_encoder", impl)] = self.lower_sam(x, impl)
     g = cfg.sam.image_encoder.grid_size
     emb = jax.ShapeDtypeStruct((b, g, g, cfg.sam.image_encoder.out_chans), jnp.bfloat16)
     seg = jax.ShapeDtypeStruct((b, lay.segs, cfg.llm.hidden_size), jnp.bfloat16)
@@ -203,16 +229,7 @@ class Bench:
     return out
 
   def options(self, method, reduction):
-    from eval.gcg import GCGOptions, PruneConfig
-    from models import generate as gen
-    cfg = self.config
-    prune = PruneConfig(method=method, keep_ratio=1.0 - reduction,
-                        superpixels="device") if method != "none" else PruneConfig()
-    return GCGOptions(prune=prune,
-                      sampler=gen.SamplerConfig(max_new_tokens=self.lay.new_tokens,
-                                                ignore_eos=True),
-                      seg_id=min(32004, cfg.llm.vocab_size - 1), max_segs=self.lay.segs,
-                      grid=(cfg.vision.grid, cfg.vision.grid))
+    return gcg_options(self.config, self.lay, method, reduction)
 
   def lower_e2e(self, x, method, reduction):
     from eval.gcg import gcg_forward
@@ -234,31 +251,12 @@ class Bench:
                                      jax.random.key(0))
 
   def llm_inputs(self, b, method, reduction):
-    """(plan, embeds, positions, valid, visual_mask) shapes for the method's LLM input."""
-    plan, t_in, n_in, _ = common.prune_plan(self.config, method, reduction, self.lay.prompt_len)
-    d = self.config.llm.hidden_size
-    slot = jnp.arange(t_in)
-    vmask = jnp.broadcast_to((slot >= self.lay.offset) & (slot < self.lay.offset + n_in),
-                             (b, t_in))
-    embeds = (0.02 * jax.random.normal(jax.random.key(1), (b, t_in, d))).astype(jnp.bfloat16)
-    pos = jnp.broadcast_to(jnp.arange(t_in, dtype=jnp.int32), (b, t_in))
-    return plan, embeds, pos, jnp.ones((b, t_in), bool), vmask
+    return llm_inputs(self.config, self.lay, b, method, reduction)
 
   def lower_llm(self, b, method, reduction):
-    from models import generate as gen
     plan, embeds, pos, valid, vmask = self.llm_inputs(b, method, reduction)
-    new = self.lay.new_tokens
     lengths = plan.stage_lengths(embeds.shape[1])
-
-    def prefill(s, e, p, v, vm):
-      caches, _, hidden, next_pos, _ = gen._prefill(self.model(s).llm, e, p, v, vm, plan, new)
-      return caches, hidden, next_pos
-
-    def step(s, token, caches, next_pos):
-      llm = self.model(s).llm
-      h, caches = gen._decode_step(llm, token, caches, next_pos, lengths, 1)
-      return jnp.argmax(llm.logits(h[:, None])[:, 0], -1).astype(jnp.int32), caches
-
+    prefill, step = llm_step_fns(self.model, plan, self.lay.new_tokens, lengths)
     out_shape = jax.eval_shape(prefill, self.state, embeds, pos, valid, vmask)
     token = jax.ShapeDtypeStruct((b,), jnp.int32)
     data = dict(embeds=embeds, pos=pos, valid=valid, vmask=vmask, plan=plan, lengths=lengths)
@@ -268,15 +266,66 @@ class Bench:
             self.state, token, out_shape[0], out_shape[2])}
 
 
+def gcg_options(config, lay, method, reduction):
+  """GCGOptions of the benchmark: `lay.new_tokens` forced tokens (EOS ignored), `lay.segs` masks,
+  device superpixels for ALTP."""
+  from eval.gcg import GCGOptions, PruneConfig
+  from models import generate as gen
+  prune = PruneConfig(method=method, keep_ratio=1.0 - reduction,
+                      superpixels="device") if method != "none" else PruneConfig()
+  return GCGOptions(prune=prune,
+                    sampler=gen.SamplerConfig(max_new_tokens=lay.new_tokens, ignore_eos=True),
+                    seg_id=min(32004, config.llm.vocab_size - 1), max_segs=lay.segs,
+                    grid=(config.vision.grid, config.vision.grid))
+
+
+def llm_inputs(config, lay, b, method, reduction):
+  """(plan, embeds, positions, valid, visual_mask) of the method's LLM input at batch b (random
+  bf16 embeddings, N visual slots at `lay.offset`)."""
+  plan, t_in, n_in, _ = common.prune_plan(config, method, reduction, lay.prompt_len)
+  d = config.llm.hidden_size
+  slot = jnp.arange(t_in)
+  vmask = jnp.broadcast_to((slot >= lay.offset) & (slot < lay.offset + n_in), (b, t_in))
+  embeds = (0.02 * jax.random.normal(jax.random.key(1), (b, t_in, d))).astype(jnp.bfloat16)
+  pos = jnp.broadcast_to(jnp.arange(t_in, dtype=jnp.int32), (b, t_in))
+  return plan, embeds, pos, jnp.ones((b, t_in), bool), vmask
+
+
+def llm_step_fns(model_fn, plan, new_tokens, lengths, mesh=None):
+  """(prefill, step) functions of state: prefill(s, embeds, positions, valid, visual_mask) ->
+  (stage caches, last hidden, stage next positions); step(s, token [B], caches, next_pos) ->
+  (greedy next token [B], caches). With `mesh`, the caches leave both pinned to their layout
+  (`models.mesh.constrain_cache`), so a step compiled for that layout takes the prefill's."""
+  from models import generate as gen
+  from models import mesh as mesh_lib
+
+  def pin(caches):
+    return caches if mesh is None else tuple(mesh_lib.constrain_cache(c, mesh) for c in caches)
+
+  def prefill(s, e, p, v, vm):
+    caches, _, hidden, next_pos, _ = gen._prefill(model_fn(s).llm, e, p, v, vm, plan, new_tokens)
+    return pin(caches), hidden, next_pos
+
+  def step(s, token, caches, next_pos):
+    llm = model_fn(s).llm
+    h, caches = gen._decode_step(llm, token, caches, next_pos, lengths, 1)
+    return jnp.argmax(llm.logits(h[:, None])[:, 0], -1).astype(jnp.int32), pin(caches)
+  return prefill, step
+
+
 def run(args, log: common.JsonLog):
   """Measures everything the arguments select, adding rows to `log` as it goes."""
   start = time.perf_counter()
   config = common.bench_config(args.tiny)
+  impls = list(getattr(args, "sam_attention", None) or ["auto"])
+  config = common.with_sam_attention(config, impls[0])
   lay = common.layout(config, args.tiny, args.new_tokens, args.segs)
   dev = jax.devices()[0]
+  enc = config.sam.image_encoder
   log.set("jax", dict(device=str(dev), device_kind=dev.device_kind, platform=dev.platform,
                       jax=jax.__version__, layout=lay.__dict__, e2e=args.e2e,
-                      sam_chunk=args.sam_chunk))
+                      sam_chunk=args.sam_chunk, sam_attention=impls,
+                      sam_attention_paths={i: sam_attention_paths(enc, i) for i in impls}))
   n_mm = 256 if args.tiny else 8192
   rate = matmul_rate(n_mm, args.repeats)
   bw = _copy_bandwidth((1 << 20) if args.tiny else (2 << 30), args.repeats)
@@ -284,6 +333,8 @@ def run(args, log: common.JsonLog):
   print(f"[jax] ceilings: bf16 matmul {rate / 1e12:.1f} TFLOP/s, copy {bw / 1e9:.0f} GB/s",
         flush=True)
 
+  if getattr(args, "sam_only", False):
+    return run_sam_only(args, log, config, lay, impls, rate, bw, start)
   bench = Bench(config, lay, args)
   log.set("jax_model", dict(init_s=bench.init_s, model_gb=bench.model_bytes / 1e9,
                             non_llm_gb=bench.non_llm_bytes / 1e9))
@@ -341,10 +392,13 @@ def run(args, log: common.JsonLog):
       row(what="projector", batch=b, **t, compile_s=sec, gflop_per_image=p / 1e9,
           **flops.fractions(p * b, 0, t["ms"] / 1e3, rate, bw), **_memory(c))
       p = flops.sam_encoder_flops(config.sam.image_encoder)
-      t = common.median_ms(lambda: sam_c(st, x["sam_px"]), _sync, args.repeats)
-      row(what="sam_encoder", batch=b, **t, compile_s=progs["sam_encoder"][1],
-          gflop_per_image=p / 1e9, **flops.fractions(p * b, 0, t["ms"] / 1e3, rate, bw),
-          **_memory(sam_c))
+      for impl in impls:
+        key = "sam_encoder" if impl == impls[0] else ("sam_encoder", impl)
+        sc, sec = progs[key]
+        t = common.median_ms(lambda: sc(st, x["sam_px"]), _sync, args.repeats)
+        row(what="sam_encoder", sam_attention=impl, batch=b, **t, compile_s=sec,
+            gflop_per_image=p / 1e9, **flops.fractions(p * b, 0, t["ms"] / 1e3, rate, bw),
+            **_memory(sc))
       c, sec = progs["mask_decoder"]
       seg = (0.5 * jax.random.normal(jax.random.key(2), (b, lay.segs, llm.hidden_size))
              ).astype(jnp.bfloat16)
@@ -407,6 +461,54 @@ def run(args, log: common.JsonLog):
 
   if args.search:
     search_max_batch(bench, config, lay, args, combos, log, row, start)
+
+
+def run_sam_only(args, log, config, lay, impls, rate, bw, start):
+  """`--sam-only`: the SAM image encoder alone (its parameters only), once per attention path of
+  `--sam-attention` and per batch; a path that fails to compile (e.g. a cuDNN limit) gives an
+  error row and the others go on. Rows also give each path's max abs difference from the first
+  path's embedding (bf16; the paths compute the same maths)."""
+  bench = Bench(config, lay, args)
+  log.set("jax_model", dict(init_s=bench.init_s, model_gb=bench.model_bytes / 1e9,
+                            sam_only=True))
+  p = flops.sam_encoder_flops(config.sam.image_encoder)
+  for b in args.batches:
+    t_batch = time.perf_counter()
+    if t_batch - start > args.budget_s:
+      log.add(dict(framework="jax", what="skipped", batch=b, reason="--budget-s spent"))
+      continue
+    x = make_inputs(config, lay, b)
+    errors = {}
+    progs = compile_many({impl: bench.lower_sam(x, impl) for impl in impls},
+                         args.compile_workers, errors)
+    print(f"[jax] sam batch {b}: compiled {len(progs)} in {time.perf_counter() - t_batch:.1f} s",
+          flush=True)
+    first = None
+    for impl in impls:
+      if impl in errors:
+        e = errors[impl]
+        log.add(dict(framework="jax", what="error", part="sam_encoder", sam_attention=impl,
+                     batch=b, error=f"{type(e).__name__}: {str(e)[:300]}",
+                     oom=common.is_oom(e)))
+        continue
+      c, sec = progs[impl]
+      try:
+        emb = c(bench.state, x["sam_px"]).astype(jnp.float32)
+        diff = None if first is None else float(jnp.max(jnp.abs(emb - first)))
+        first = emb if first is None else first
+        t = common.median_ms(lambda: c(bench.state, x["sam_px"]), _sync, args.repeats)
+      except Exception as e:  # noqa: BLE001 - e.g. out of memory at this batch
+        log.add(dict(framework="jax", what="error", part="sam_encoder", sam_attention=impl,
+                     batch=b, error=f"{type(e).__name__}: {str(e)[:300]}",
+                     oom=common.is_oom(e)))
+        continue
+      log.add(dict(framework="jax", what="sam_encoder", sam_attention=impl,
+                   sam_paths=sam_attention_paths(config.sam.image_encoder, impl), batch=b, **t,
+                   compile_s=sec, gflop_per_image=p / 1e9, max_abs_diff_vs_first=diff,
+                   **flops.fractions(p * b, 0, t["ms"] / 1e3, rate, bw), **_memory(c),
+                   peak_gb=_peak_gb()))
+    del progs, x, first
+    print(f"[jax] sam batch {b} done in {time.perf_counter() - t_batch:.1f} s", flush=True)
 
 
 def _time_e2e(c, sam_c, st, x, args, repeats=None):

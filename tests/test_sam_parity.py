@@ -7,6 +7,7 @@ checkpoint converter uses), and compared on the same inputs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import types
@@ -130,15 +131,22 @@ def test_get_rel_pos_matches_reference(q_size, k_size, table):
   np.testing.assert_allclose(np.asarray(got), _np(want), rtol=0, atol=1e-6)
 
 
+# The attention paths that run on the CPU ("cudnn_*" share their maths with "xla_*": only the
+# kernel differs); "auto" resolves to "xla_bias" here.
+CPU_IMPLS = ("einsum", "xla_bias", "xla_folded")
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("window,input_size,hw", [
     (4, (6, 6), (5, 11)),     # windowed, pads 3 rows and 1 column
     (4, (6, 6), (9, 6)),      # windowed, pads 3 rows and 2 columns
     (0, (6, 10), (6, 10)),    # global, non-square tables: rel_pos_h [11, D], rel_pos_w [19, D]
     (0, (8, 8), (6, 10)),     # global: rel_pos_h shrinks 15 -> 11, rel_pos_w grows 15 -> 19
 ])
-def test_block_matches_reference_on_non_square_maps(window, input_size, hw):
+def test_block_matches_reference_on_non_square_maps(window, input_size, hw, impl):
   c = SamImageEncoderConfig(img_size=96, patch_size=16, embed_dim=32, depth=1, num_heads=2,
-                            out_chans=16, window_size=window, global_attn_indexes=())
+                            out_chans=16, window_size=window, global_attn_indexes=(),
+                            attention_impl=impl)
   t_block = _randomize(t_ie.Block(
       dim=32, num_heads=2, norm_layer=functools.partial(nn.LayerNorm, eps=1e-6),
       use_rel_pos=True, window_size=window, input_size=input_size), seed=1)
@@ -151,8 +159,9 @@ def test_block_matches_reference_on_non_square_maps(window, input_size, hw):
   np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
 
 
-def test_image_encoder_matches_reference_with_window_padding():
-  c = TINY.image_encoder
+@pytest.mark.parametrize("impl", ["auto", "xla_folded"])
+def test_image_encoder_matches_reference_with_window_padding(impl):
+  c = dataclasses.replace(TINY.image_encoder, attention_impl=impl)
   assert c.grid_size % c.window_size != 0, "the tiny config must make windowed blocks pad"
   t_enc = _randomize(_torch_image_encoder(c), seed=2)
   j_enc = _load(lambda r: j_ie.ImageEncoder(c, rngs=r), t_enc, "image_encoder")
@@ -162,6 +171,52 @@ def test_image_encoder_matches_reference_with_window_padding():
   got = _nchw(jax.jit(lambda m, p: m(p))(j_enc, _nhwc(x)))
   assert got.shape == want.shape == (2, c.out_chans, c.grid_size, c.grid_size)
   np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
+
+
+def test_attention_impl_resolution_and_folded_widths():
+  # On the CPU "auto" is the XLA bias path; the folded head dims of ViT-H (80 + 14 + 14 -> 112 for
+  # windows, 80 + 64 + 64 = 208 for global blocks) are what cuDNN gets on a GPU.
+  assert j_ie.resolve_attention_impl("auto", jnp.bfloat16, 80, (14, 14), True) == "xla_bias"
+  assert j_ie.resolve_attention_impl("cudnn_bias", jnp.float32, 80, (14, 14), True) == "cudnn_bias"
+  assert j_ie.cudnn_flash_head_dim_limit(jnp.float32) == 0
+  for side, width in ((14, 112), (64, 208)):
+    t = side * side
+    q = jnp.ones((1, t, 2, 80), jnp.bfloat16)
+    rel = jnp.ones((1, t, 2, side), jnp.float32)
+    q2, k2, v2 = j_ie.fold_rel_pos(q, q, q, rel, rel, side, side, 0.5)
+    assert q2.shape == k2.shape == v2.shape == (1, t, 2, width)
+    assert q2.dtype == k2.dtype == v2.dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="attention_impl 'flash'"):
+    SamImageEncoderConfig(attention_impl="flash")
+  from eval.bench import SAM_ATTENTION_IMPLS as bench_impls   # the CLI's copy of the list
+  from models.sam.config import SAM_ATTENTION_IMPLS
+  assert bench_impls == SAM_ATTENTION_IMPLS
+  enc = _abstract(lambda r: j_ie.ImageEncoder(TINY.image_encoder, rngs=r))
+  enc.set_attention_impl("einsum")
+  assert {b.attn.impl for b in enc.blocks} == {"einsum"}
+  with pytest.raises(ValueError, match="'flash' is not one of"):
+    enc.set_attention_impl("flash")
+
+
+@pytest.mark.parametrize("impl", ["xla_bias", "xla_folded"])
+def test_bf16_block_paths_stay_bf16_and_near_the_fp32_reference(impl):
+  # bf16 weights and activations: the output stays bf16, and the fused paths (fp32 logits and
+  # softmax) land within bf16 rounding of the fp32 reference; a wrong bias would be off by O(1).
+  c = SamImageEncoderConfig(img_size=96, patch_size=16, embed_dim=32, depth=1, num_heads=2,
+                            out_chans=16, window_size=0, global_attn_indexes=(),
+                            attention_impl=impl)
+  t_block = _randomize(t_ie.Block(
+      dim=32, num_heads=2, norm_layer=functools.partial(nn.LayerNorm, eps=1e-6),
+      use_rel_pos=True, window_size=0, input_size=(6, 10)), seed=4)
+  j_block = _load(lambda r: j_ie.Block(c, 0, (6, 10), rngs=r), t_block, "image_encoder.blocks.0")
+  nnx.update(j_block, jax.tree.map(lambda a: a.astype(jnp.bfloat16), nnx.state(j_block)))
+  x = torch.randn(2, 6, 10, 32)
+  with torch.no_grad():
+    want = _np(t_block(x))
+  got = jax.jit(lambda m, x: m(x))(j_block, jnp.asarray(_np(x), jnp.bfloat16))
+  assert got.dtype == jnp.bfloat16
+  err = np.abs(np.asarray(got, np.float32) - want).max() / np.abs(want).max()
+  assert err < 3e-2, err
 
 
 # ------------------------------------------------------------------------------------------------

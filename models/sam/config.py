@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 
+# How the image encoder's attention is computed (`models.sam.image_encoder.Attention`); every
+# choice computes the same maths. "auto" picks "cudnn_folded" where cuDNN flash attention takes the
+# shapes (NVIDIA GPU, bf16/fp16, folded head dim within cuDNN's limit) and "xla_bias" elsewhere.
+SAM_ATTENTION_IMPLS = ("auto", "einsum", "xla_bias", "xla_folded", "cudnn_bias", "cudnn_folded")
+
 
 @dataclasses.dataclass(frozen=True)
 class SamImageEncoderConfig:
@@ -28,6 +33,9 @@ class SamImageEncoderConfig:
   global_attn_indexes: tuple[int, ...] = (7, 15, 23, 31)
   layer_norm_eps: float = 1e-6        # ViT blocks (norm_layer=partial(LayerNorm, eps=1e-6))
   neck_norm_eps: float = 1e-6         # LayerNorm2d default
+  # Runtime choice, not a checkpoint property: one of SAM_ATTENTION_IMPLS ("einsum" is the
+  # original 6-D-logits formulation, kept for benchmarking against the fused paths).
+  attention_impl: str = "auto"
 
   @property
   def grid_size(self) -> int:
@@ -47,6 +55,9 @@ class SamImageEncoderConfig:
     return 0 if index in self.global_attn_indexes else self.window_size
 
   def __post_init__(self):
+    if self.attention_impl not in SAM_ATTENTION_IMPLS:
+      raise ValueError(f"SamImageEncoderConfig: attention_impl {self.attention_impl!r} is not one "
+                       f"of {', '.join(SAM_ATTENTION_IMPLS)}")
     if self.embed_dim % self.num_heads:
       raise ValueError(f"SamImageEncoderConfig: embed_dim {self.embed_dim} is not divisible by "
                        f"num_heads {self.num_heads}")

@@ -3,6 +3,12 @@
 pixels [B, img, img, 3] -> patch conv -> + pos_embed -> blocks (windowed or global attention with
 decomposed relative positions) -> neck (conv1x1, LayerNorm2d, conv3x3, LayerNorm2d)
 -> image embedding [B, img/patch, img/patch, out_chans].
+
+Attention (`SamImageEncoderConfig.attention_impl`): by default `jax.nn.dot_product_attention` on
+[B, T, N, D] slices of the fused qkv projection. On an NVIDIA GPU in bf16/fp16 the relative-position
+term is folded into wider q/k heads and cuDNN's flash kernel runs it with no O(T^2) tensor in
+memory (`fold_rel_pos`); elsewhere XLA runs it with the term as an additive fp32 bias. Softmax is
+fp32 in both; activations keep their dtype. "einsum" keeps the reference's 6-D formulation.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import numpy as np
 
 from models import sharding
 from models.sam import layers
-from models.sam.config import SamImageEncoderConfig
+from models.sam.config import SAM_ATTENTION_IMPLS, SamImageEncoderConfig
 from models.sam.resize import resize_linear
 
 
@@ -95,20 +101,120 @@ def add_decomposed_rel_pos(logits: jax.Array, q: jax.Array, rel_pos_h: jax.Array
 
 
 # ------------------------------------------------------------------------------------------------
+# Attention paths: the relative-position term as factors, as a bias, or folded into the heads.
+
+def rel_pos_terms(q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array, h: int, w: int
+                  ) -> tuple[jax.Array, jax.Array]:
+  """The two factors of the decomposed relative-position bias, from tokens in attention layout.
+
+  Args:
+    q: unscaled queries [B, T, N, D], T = h * w tokens in row-major order.
+    rel_pos_h, rel_pos_w: tables [Lh, D], [Lw, D] (resized by `get_rel_pos` when needed).
+  Returns:
+    rel_h [B, T, N, h] (query . R_h[query row, key row]) and rel_w [B, T, N, w] (likewise for
+    columns), accumulated in fp32 and returned in fp32.
+  """
+  b, t, n, d = q.shape
+  r_h = get_rel_pos(h, h, rel_pos_h).astype(q.dtype)   # [h, h, D]
+  r_w = get_rel_pos(w, w, rel_pos_w).astype(q.dtype)   # [w, w, D]
+  q4 = q.reshape(b, h, w, n, d)
+  f32 = jnp.float32
+  rel_h = jnp.einsum("bhwnd,hkd->bhwnk", q4, r_h, preferred_element_type=f32)
+  rel_w = jnp.einsum("bhwnd,wkd->bhwnk", q4, r_w, preferred_element_type=f32)
+  return rel_h.reshape(b, t, n, h), rel_w.reshape(b, t, n, w)
+
+
+def fold_rel_pos(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array, rel_w: jax.Array,
+                 h: int, w: int, scale: float, multiple: int = 8
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Folds the scale and the decomposed relative-position bias into wider heads, so an attention
+  kernel without a bias input (and without an O(T^2) bias tensor) computes the same logits.
+
+  The bias of query t and key s is rel_h[t, row(s)] + rel_w[t, col(s)]: a product of [rel_h,
+  rel_w] with the one-hot row and column indicators of s. So with
+    q' = [scale * q, rel_h, rel_w, 0],   k' = [k, onehot(row(s)), onehot(col(s)), 0],
+    v' = [v, 0]
+  q'.k' = scale * q.k + rel_h[t, row(s)] + rel_w[t, col(s)] exactly, and softmax(q' k'^T) v' is
+  the reference output in its first D channels. The head dim grows from D to D + h + w, padded
+  with zeros to a multiple of `multiple` (cuDNN wants multiples of 8): 80 -> 112 for ViT-H's
+  14x14 windows, 80 -> 208 for its 64x64 global blocks.
+
+  Args:
+    q, k, v: [B, T, N, D], T = h * w; rel_h [B, T, N, h]; rel_w [B, T, N, w] (`rel_pos_terms`).
+  Returns:
+    q', k', v' [B, T, N, D'] in q's dtype; call attention with scale 1 and keep [..., :D].
+  """
+  b, t, n, d = q.shape
+  dt = q.dtype
+  pad = (-(d + h + w)) % multiple
+  keys = np.arange(t)
+  onehot = np.concatenate([keys[:, None] // w == np.arange(h)[None],
+                           keys[:, None] % w == np.arange(w)[None],
+                           np.zeros((t, pad), bool)], axis=1)        # [T, h + w + pad], static
+  onehot = jnp.broadcast_to(jnp.asarray(onehot, dt)[None, :, None], (b, t, n, h + w + pad))
+  # The scale multiplies in fp32 and rounds once (as PyTorch's bf16 `q * scale` does), rather than
+  # rounding the scale itself to bf16 first.
+  q_scaled = (q.astype(jnp.float32) * scale).astype(dt)
+  q2 = jnp.concatenate([q_scaled, rel_h.astype(dt), rel_w.astype(dt),
+                        jnp.zeros((b, t, n, pad), dt)], axis=-1)
+  k2 = jnp.concatenate([k, onehot], axis=-1)
+  v2 = jnp.concatenate([v, jnp.zeros((b, t, n, h + w + pad), dt)], axis=-1)
+  return q2, k2, v2
+
+
+def cudnn_flash_head_dim_limit(dtype) -> int:
+  """Largest head dim cuDNN flash attention takes here for `dtype`; 0 where it cannot run (not an
+  NVIDIA GPU backend, or not bf16/fp16). Hopper and later take 256, older GPUs 128 (the limits
+  `jax._src.cudnn.fused_attention_stablehlo.check_is_flash_attention` enforces)."""
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return 0
+  if jax.default_backend() != "gpu":
+    return 0
+  cc = getattr(jax.devices()[0], "compute_capability", None)
+  try:
+    major = int(str(cc).split(".")[0])
+  except ValueError:     # e.g. a ROCm "gfx90a": no cuDNN there
+    return 0
+  return 256 if major >= 9 else 128
+
+
+def resolve_attention_impl(impl: str, dtype, head_dim: int, grid: tuple[int, int],
+                           use_rel_pos: bool) -> str:
+  """The concrete attention path for `impl` (see `SAM_ATTENTION_IMPLS`): "auto" is
+  "cudnn_folded" where cuDNN flash takes the folded head dim, else "xla_bias"."""
+  if impl != "auto":
+    return impl
+  folded = head_dim + (grid[0] + grid[1] if use_rel_pos else 0)
+  folded += (-folded) % 8
+  return "cudnn_folded" if folded <= cudnn_flash_head_dim_limit(dtype) else "xla_bias"
+
+
+# ------------------------------------------------------------------------------------------------
 # Modules.
 
 class Attention(nnx.Module):
   """Multi-head self-attention over a 2-D token map, with decomposed relative positions.
+
+  Paths (`impl`, all the same maths; see `SAM_ATTENTION_IMPLS`):
+    einsum: the reference's formulation, 6-D logits [B, N, H, W, H, W] with the relative terms
+      added, softmax in the activation dtype.
+    xla_bias / cudnn_bias: `jax.nn.dot_product_attention` on [B, T, N, D] slices of the fused qkv
+      projection, the relative-position term as an additive bias [B, N, T, T]; logits and softmax
+      in fp32 (XLA) or inside cuDNN's flash kernel.
+    xla_folded / cudnn_folded: the relative-position term folded into wider q/k heads
+      (`fold_rel_pos`): no bias tensor, so cuDNN's flash kernel never reads an O(T^2) array.
+    auto: resolved per call by `resolve_attention_impl`.
 
   Args:
     rel_size: (H, W) the relative-position tables are sized for (window or full grid).
   """
 
   def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool, use_rel_pos: bool,
-               rel_size: tuple[int, int], rngs: nnx.Rngs):
+               rel_size: tuple[int, int], rngs: nnx.Rngs, impl: str = "auto"):
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
     self.scale = self.head_dim ** -0.5
+    self.impl = impl
     self.qkv = layers.Linear(dim, (3, num_heads, self.head_dim),
                              ("vis_embed", None, "heads", "head_dim"), use_bias=qkv_bias, rngs=rngs)
     self.proj = layers.Linear((num_heads, self.head_dim), dim, ("heads", "head_dim", "vis_embed"),
@@ -124,6 +230,36 @@ class Attention(nnx.Module):
     """x: [B, H, W, dim] -> [B, H, W, dim]."""
     b, h, w, _ = x.shape
     qkv = self.qkv(x)                                      # [B, H, W, 3, N, D]
+    impl = resolve_attention_impl(self.impl, qkv.dtype, self.head_dim, (h, w), self.use_rel_pos)
+    if impl == "einsum":
+      return self.proj(self._einsum_attention(qkv))
+    # [B, T, 3, N, D] is a free reshape; q/k/v are strided slices in the [B, T, N, D] layout that
+    # dot_product_attention takes, so no head transposes are needed on the way in or out.
+    qkv = qkv.reshape(b, h * w, 3, self.num_heads, self.head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    backend = impl.split("_")[0]
+    if not self.use_rel_pos:
+      out = jax.nn.dot_product_attention(q, k, v, scale=self.scale, implementation=backend)
+    elif impl.endswith("_folded"):
+      rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h[...], self.rel_pos_w[...], h, w)
+      q2, k2, v2 = fold_rel_pos(q, k, v, rel_h, rel_w, h, w, self.scale)
+      out = jax.nn.dot_product_attention(q2, k2, v2, scale=1.0,
+                                         implementation=backend)[..., :self.head_dim]
+    else:
+      rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h[...], self.rel_pos_w[...], h, w)
+      # bias[b, n, t, (r, c)] = rel_h[b, t, n, r] + rel_w[b, t, n, c]; fp32 for XLA, where it is
+      # added to fp32 logits (and fused into their producer), the activation dtype for cuDNN.
+      bias = (rel_h.transpose(0, 2, 1, 3)[..., :, None]
+              + rel_w.transpose(0, 2, 1, 3)[..., None, :]).reshape(b, self.num_heads, h * w, h * w)
+      if backend == "cudnn":
+        bias = bias.astype(q.dtype)
+      out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=self.scale,
+                                         implementation=backend)
+    return self.proj(out.reshape(b, h, w, self.num_heads, self.head_dim))
+
+  def _einsum_attention(self, qkv: jax.Array) -> jax.Array:
+    """The original path: qkv [B, H, W, 3, N, D] -> attention output [B, H, W, N, D]."""
+    b, h, w = qkv.shape[:3]
     q, k, v = (jnp.moveaxis(qkv[..., i, :, :], 3, 1) for i in range(3))  # [B, N, H, W, D]
     logits = jnp.einsum("bnhwd,bnuvd->bnhwuv", q * self.scale, k)
     if self.use_rel_pos:
@@ -131,7 +267,7 @@ class Attention(nnx.Module):
     logits = logits.reshape(b, self.num_heads, h * w, h * w)
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bnqk,bnkd->bqnd", probs, v.reshape(b, self.num_heads, h * w, self.head_dim))
-    return self.proj(out.reshape(b, h, w, self.num_heads, self.head_dim))
+    return out.reshape(b, h, w, self.num_heads, self.head_dim)
 
 
 class Block(nnx.Module):
@@ -148,7 +284,8 @@ class Block(nnx.Module):
     self.norm1 = layers.LayerNorm(dim, eps=config.layer_norm_eps, rngs=rngs)
     self.attn = Attention(
         dim, config.num_heads, qkv_bias=config.qkv_bias, use_rel_pos=config.use_rel_pos,
-        rel_size=input_size if window_size == 0 else (window_size, window_size), rngs=rngs)
+        rel_size=input_size if window_size == 0 else (window_size, window_size), rngs=rngs,
+        impl=config.attention_impl)
     self.norm2 = layers.LayerNorm(dim, eps=config.layer_norm_eps, rngs=rngs)
     self.mlp = layers.MlpBlock(dim, config.mlp_dim, layers.gelu, embed_name="vis_embed",
                                mlp_name="vis_mlp", rngs=rngs)
@@ -193,6 +330,15 @@ class ImageEncoder(nnx.Module):
     self.neck_conv2 = layers.Conv(c.out_chans, c.out_chans, 3, padding=1, use_bias=False,
                                   rngs=rngs)
     self.neck_norm2 = layers.LayerNorm(c.out_chans, eps=c.neck_norm_eps, rngs=rngs)
+
+  def set_attention_impl(self, impl: str) -> None:
+    """Switches every block's attention path (one of `SAM_ATTENTION_IMPLS`; same maths, another
+    kernel), e.g. on a module merged inside a jitted benchmark; parameters are untouched."""
+    if impl not in SAM_ATTENTION_IMPLS:
+      raise ValueError(f"ImageEncoder.set_attention_impl: {impl!r} is not one of "
+                       f"{', '.join(SAM_ATTENTION_IMPLS)}")
+    for block in self.blocks:
+      block.attn.impl = impl
 
   def __call__(self, pixels: jax.Array) -> jax.Array:
     """pixels: [B, H, W, in_chans] -> image embedding [B, H/patch, W/patch, out_chans]."""
