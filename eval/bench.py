@@ -44,7 +44,8 @@ import time
 
 # models.sam.config.SAM_ATTENTION_IMPLS, repeated: importing models.sam here would import jax
 # before the torch half sets JAX_PLATFORMS=cpu (tests/test_sam_parity.py checks they agree).
-SAM_ATTENTION_IMPLS = ("auto", "einsum", "xla_bias", "xla_folded", "cudnn_bias", "cudnn_folded")
+SAM_ATTENTION_IMPLS = ("auto", "einsum", "xla_bias", "xla_folded", "cudnn_bias", "cudnn_folded",
+                       "cudnn_mixed")
 
 
 def parse_args(argv=None):
@@ -65,8 +66,8 @@ def parse_args(argv=None):
   p.add_argument("--sam-chunk", type=int, default=8)
   p.add_argument("--sam-attention", default="auto",
                  help="comma list of SAM encoder attention paths (auto, einsum, xla_bias, "
-                      "xla_folded, cudnn_bias, cudnn_folded): the first runs in the model and end "
-                      "to end; the sam_encoder component is timed once per path")
+                      "xla_folded, cudnn_bias, cudnn_folded, cudnn_mixed): the first runs in the "
+                      "model and end to end; the sam_encoder component is timed once per path")
   p.add_argument("--sam-only", action="store_true",
                  help="with --part jax: time only the SAM image encoder (its parameters alone), "
                       "once per --sam-attention path and batch")

@@ -179,6 +179,10 @@ def test_attention_impl_resolution_and_folded_widths():
   assert j_ie.resolve_attention_impl("auto", jnp.bfloat16, 80, (14, 14), True) == "xla_bias"
   assert j_ie.resolve_attention_impl("cudnn_bias", jnp.float32, 80, (14, 14), True) == "cudnn_bias"
   assert j_ie.cudnn_flash_head_dim_limit(jnp.float32) == 0
+  assert j_ie.resolve_attention_impl("cudnn_mixed", jnp.bfloat16, 80, (14, 14), True) == (
+      "cudnn_folded")
+  assert j_ie.resolve_attention_impl("cudnn_mixed", jnp.bfloat16, 80, (64, 64), True) == (
+      "cudnn_bias")
   for side, width in ((14, 112), (64, 208)):
     t = side * side
     q = jnp.ones((1, t, 2, 80), jnp.bfloat16)

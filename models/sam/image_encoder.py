@@ -180,12 +180,17 @@ def cudnn_flash_head_dim_limit(dtype) -> int:
 
 def resolve_attention_impl(impl: str, dtype, head_dim: int, grid: tuple[int, int],
                            use_rel_pos: bool) -> str:
-  """The concrete attention path for `impl` (see `SAM_ATTENTION_IMPLS`): "auto" is
-  "cudnn_folded" where cuDNN flash takes the folded head dim, else "xla_bias"."""
-  if impl != "auto":
+  """The concrete attention path for `impl` (see `SAM_ATTENTION_IMPLS`) on a `grid` token map:
+  "auto" is "cudnn_folded" where cuDNN flash takes the folded head dim, else "xla_bias";
+  "cudnn_mixed" is "cudnn_folded" where folding widens the heads by at most half, else
+  "cudnn_bias" (folding costs attention FLOPs in proportion to the width, a bias costs an
+  O(T^2) tensor in memory: cheap for 14x14 windows, 537 MB per image and global block at 64x64)."""
+  if impl not in ("auto", "cudnn_mixed"):
     return impl
   folded = head_dim + (grid[0] + grid[1] if use_rel_pos else 0)
   folded += (-folded) % 8
+  if impl == "cudnn_mixed":
+    return "cudnn_folded" if 2 * folded <= 3 * head_dim else "cudnn_bias"
   return "cudnn_folded" if folded <= cudnn_flash_head_dim_limit(dtype) else "xla_bias"
 
 
@@ -203,7 +208,7 @@ class Attention(nnx.Module):
       in fp32 (XLA) or inside cuDNN's flash kernel.
     xla_folded / cudnn_folded: the relative-position term folded into wider q/k heads
       (`fold_rel_pos`): no bias tensor, so cuDNN's flash kernel never reads an O(T^2) array.
-    auto: resolved per call by `resolve_attention_impl`.
+    auto, cudnn_mixed: resolved per call by `resolve_attention_impl`.
 
   Args:
     rel_size: (H, W) the relative-position tables are sized for (window or full grid).
