@@ -63,6 +63,8 @@ class SamplerConfig:
     temperature: 0 means greedy argmax (ties to the lowest id, as torch); > 0 samples.
     top_p: nucleus sampling threshold when sampling.
     ignore_eos: never stop early (benchmarks force a fixed number of new tokens).
+    stop_ids: further ids that end a row like `eos_id` (kept in the output too), e.g.
+      OMG-LLaVA's `<|im_end|>` next to EOS; empty (the default) leaves `eos_id` alone.
   """
 
   max_new_tokens: int = 512
@@ -71,6 +73,7 @@ class SamplerConfig:
   temperature: float = 0.0
   top_p: float = 1.0
   ignore_eos: bool = False
+  stop_ids: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -79,6 +82,15 @@ class SamplerConfig:
       raise ValueError(f"SamplerConfig.temperature={self.temperature} must be >= 0")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"SamplerConfig.top_p={self.top_p} must be in (0, 1]")
+    if not isinstance(self.stop_ids, tuple) or not all(isinstance(i, int) for i in self.stop_ids):
+      raise ValueError(f"SamplerConfig.stop_ids={self.stop_ids!r} must be a tuple of ints")
+
+  def is_stop(self, tokens: jax.Array) -> jax.Array:
+    """Where `tokens` end a row: `eos_id` or one of `stop_ids` (never with `ignore_eos`)."""
+    stop = tokens == self.eos_id
+    for i in self.stop_ids:
+      stop = stop | (tokens == i)
+    return stop & (not self.ignore_eos)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,7 +384,7 @@ def generate_fn(llm, embeds, valid, visual_mask, rng, positions=None, *, plan: P
   tok0 = _sample(logits0, sub, sampler)
   tokens = jnp.full((b, max_new), sampler.pad_id, jnp.int32).at[:, 0].set(tok0)
   hidden = jnp.zeros((b, max_new, hidden0.shape[-1]), hidden0.dtype).at[:, 0].set(hidden0)
-  done = (tok0 == sampler.eos_id) & (not sampler.ignore_eos)
+  done = sampler.is_stop(tok0)
   state = _LoopState(step=jnp.int32(1), tokens=tokens, hidden=hidden, done=done, logits=logits0,
                      caches=caches, next_pos=next_pos, rng=rng)
 
@@ -385,7 +397,7 @@ def generate_fn(llm, embeds, valid, visual_mask, rng, positions=None, *, plan: P
     logits = llm.logits(h[:, None])[:, 0]
     rng, sub = jax.random.split(s.rng)
     tok = jnp.where(s.done, sampler.pad_id, _sample(logits, sub, sampler))
-    done = s.done | ((tok == sampler.eos_id) & (not sampler.ignore_eos))
+    done = s.done | sampler.is_stop(tok)
     tokens = jax.lax.dynamic_update_index_in_dim(s.tokens, tok, s.step, axis=1)
     hidden = jax.lax.dynamic_update_index_in_dim(s.hidden, h.astype(s.hidden.dtype), s.step,
                                                  axis=1)
@@ -393,7 +405,7 @@ def generate_fn(llm, embeds, valid, visual_mask, rng, positions=None, *, plan: P
                       caches=caches, next_pos=s.next_pos, rng=rng)
 
   state = jax.lax.while_loop(cond, body, state)
-  is_eos = (state.tokens == sampler.eos_id) & (not sampler.ignore_eos)
+  is_eos = sampler.is_stop(state.tokens)
   first_eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, state.step)
   return GenerationOutput(tokens=state.tokens, lengths=first_eos.astype(jnp.int32),
                           hidden=state.hidden, keep_index=index)
