@@ -111,7 +111,7 @@ class OmgGCGOptions:
 
   prune: gcg.PruneConfig = gcg.PruneConfig()
   sampler: gen.SamplerConfig = gen.SamplerConfig(max_new_tokens=MAX_NEW_TOKENS, eos_id=2,
-                                                 pad_id=2)
+                                                 pad_id=2, stop_ids=(92542,))
   seg_id: int = 92544
   max_masks: int = DEFAULT_MAX_MASKS
   score: str = "feature_norm"
