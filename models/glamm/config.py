@@ -12,8 +12,8 @@ import dataclasses
 from typing import Any, Mapping
 
 import jax.numpy as jnp
-import numpy as np
 
+from models import config_io
 from models.clip.config import CLIPVisionConfig
 from models.llama.config import LlamaConfig
 from models.sam.config import (SamConfig, SamImageEncoderConfig, SamMaskDecoderConfig,
@@ -80,18 +80,18 @@ class GLaMMConfig:
 
   def to_dict(self) -> dict:
     """A JSON-ready dict (dtypes as names) that `from_dict` inverts."""
-    return _encode(dataclasses.asdict(self))
+    return config_io.encode(dataclasses.asdict(self))
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "GLaMMConfig":
     try:
       sam = d["sam"]
       return cls(
-          vision=CLIPVisionConfig(**_decode(d["vision"])),
-          llm=LlamaConfig(**_decode(d["llm"])),
+          vision=CLIPVisionConfig(**config_io.decode_dtypes(d["vision"])),
+          llm=LlamaConfig(**config_io.decode_dtypes(d["llm"])),
           sam=SamConfig(
-              image_encoder=SamImageEncoderConfig(**_tuples(sam["image_encoder"])),
-              prompt_encoder=SamPromptEncoderConfig(**_tuples(sam["prompt_encoder"])),
+              image_encoder=SamImageEncoderConfig(**config_io.lists_to_tuples(sam["image_encoder"])),
+              prompt_encoder=SamPromptEncoderConfig(**config_io.lists_to_tuples(sam["prompt_encoder"])),
               mask_decoder=SamMaskDecoderConfig(**sam["mask_decoder"]),
               mask_threshold=sam.get("mask_threshold", 0.0)),
           vision_select_layer=d.get("vision_select_layer", -2))
@@ -156,21 +156,3 @@ class GLaMMConfig:
 
 
 SAM_SIZES = {"vit_h": SamConfig.vit_h, "tiny": SamConfig.tiny}
-
-
-def _encode(x):
-  if isinstance(x, dict):
-    return {k: _encode(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_encode(v) for v in x]
-  if isinstance(x, (str, int, float, bool)) or x is None:
-    return x
-  return np.dtype(x).name   # a dtype (jnp.float32, jnp.bfloat16, ...)
-
-
-def _decode(d: Mapping[str, Any]) -> dict:
-  return {k: (jnp.dtype(v) if k in ("dtype", "param_dtype") else v) for k, v in d.items()}
-
-
-def _tuples(d: Mapping[str, Any]) -> dict:
-  return {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}

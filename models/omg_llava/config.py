@@ -20,8 +20,8 @@ import dataclasses
 from typing import Any, Mapping
 
 import jax.numpy as jnp
-import numpy as np
 
+from models import config_io
 from models.llama.config import LlamaConfig
 from models.omg_llava.projector import OMGProjectorConfig
 from models.omg_seg.config import ConvNeXtConfig, PixelDecoderConfig
@@ -145,37 +145,19 @@ class OMGLLaVAConfig:
 
   def to_dict(self) -> dict:
     """A JSON-ready dict (dtypes as names, tuples as lists) that `from_dict` inverts."""
-    return _encode(dataclasses.asdict(self))
+    return config_io.encode(dataclasses.asdict(self))
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "OMGLLaVAConfig":
     try:
       return cls(
-          backbone=ConvNeXtConfig(**_tuples(_decode(d["backbone"]))),
-          pixel_decoder=PixelDecoderConfig(**_tuples(_decode(d["pixel_decoder"]))),
+          backbone=ConvNeXtConfig(**config_io.lists_to_tuples(config_io.decode_dtypes(d["backbone"]))),
+          pixel_decoder=PixelDecoderConfig(**config_io.lists_to_tuples(config_io.decode_dtypes(d["pixel_decoder"]))),
           decoder=Mask2FormerConfig(**d["decoder"]),
-          projector=OMGProjectorConfig(**_decode(d["projector"])),
-          llm=LlamaConfig(**_decode(d["llm"])),
+          projector=OMGProjectorConfig(**config_io.decode_dtypes(d["projector"])),
+          llm=LlamaConfig(**config_io.decode_dtypes(d["llm"])),
           image_size=int(d["image_size"]), grid=int(d["grid"]),
           num_class_prototypes=int(d.get("num_class_prototypes", 1)))
     except (KeyError, TypeError) as e:
       raise ValueError(f"OMGLLaVAConfig.from_dict: malformed config ({type(e).__name__}: {e})"
                        ) from e
-
-
-def _encode(x):
-  if isinstance(x, dict):
-    return {k: _encode(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_encode(v) for v in x]
-  if isinstance(x, (str, int, float, bool)) or x is None:
-    return x
-  return np.dtype(x).name   # a dtype (jnp.float32, jnp.bfloat16, ...)
-
-
-def _decode(d: Mapping[str, Any]) -> dict:
-  return {k: (jnp.dtype(v) if k in ("dtype", "param_dtype") else v) for k, v in d.items()}
-
-
-def _tuples(d: Mapping[str, Any]) -> dict:
-  return {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
