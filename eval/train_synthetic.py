@@ -167,7 +167,11 @@ class SyntheticTrainConfig:
             image_encoder=SamImageEncoderConfig(
                 img_size=self.sam_image_size, patch_size=self.sam_patch, embed_dim=self.sam_width,
                 depth=self.sam_depth, num_heads=self.sam_heads, out_chans=self.seg_dim,
-                window_size=self.sam_window, global_attn_indexes=tuple(self.sam_global_attn)),
+                window_size=self.sam_window, global_attn_indexes=tuple(self.sam_global_attn),
+                # Training differentiates SAM's attention: keep the explicit einsum path, whose
+                # backward is the one the recorded runs used (the fused paths are for inference;
+                # XLA:CPU once crashed compiling the bias path's gradient in a long test process).
+                attention_impl="einsum"),
             prompt_encoder=SamPromptEncoderConfig(
                 embed_dim=self.seg_dim, image_embedding_size=(grid, grid),
                 input_image_size=(self.sam_image_size, self.sam_image_size)),
