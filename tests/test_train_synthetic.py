@@ -32,6 +32,16 @@ from eval.tokenizer import load_tokenizer, seg_token_id
 from eval.train_synthetic import SyntheticTrainConfig, _override, evaluate, train
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_compiler_state():
+  """This file compiles the largest programs of the suite (training steps); in a full-suite
+  process XLA:CPU aborted compiling them after ~430 earlier tests. Start from empty caches."""
+  import gc
+  jax.clear_caches()
+  gc.collect()
+  yield
+
+
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("syn"))
