@@ -30,22 +30,24 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m convert",
                               description="Convert released PyTorch checkpoints to Orbax.")
   sub = p.add_subparsers(dest="model", required=True)
-  g = sub.add_parser("glamm", help="GLaMM (MBZUAI/GLaMM-*) + its CLIP tower")
+  # Options every converter takes.
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument("--out", required=True, help="output directory (must not exist)")
+  common.add_argument("--overwrite", action="store_true",
+                      help="replace an existing --out (only after the new conversion succeeded)")
+  common.add_argument("--no-progress", action="store_true", help="no progress bar")
+  g = sub.add_parser("glamm", parents=[common], help="GLaMM (MBZUAI/GLaMM-*) + its CLIP tower")
   g.add_argument("--glamm", required=True,
                  help="GLaMM HF directory (config.json, pytorch_model.bin.index.json + shards, "
                       "tokenizer files)")
   g.add_argument("--clip", required=True,
                  help="CLIP directory (openai/clip-vit-large-patch14-336: config.json + weights)")
-  g.add_argument("--out", required=True, help="output directory (must not exist)")
   g.add_argument("--dtype", default="bfloat16", choices=DTYPES,
                  help="storage dtype of every parameter (GLaMM runs in bf16)")
   g.add_argument("--sam-size", default="vit_h", choices=("vit_h", "tiny"),
                  help="SAM configuration (the checkpoint has no SAM config); vit_h for releases")
-  g.add_argument("--overwrite", action="store_true",
-                 help="replace an existing --out (only after the new conversion succeeded)")
-  g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-  o = sub.add_parser("omg_llava", help="OMG-LLaVA (zhangtao-whu/OMG-LLaVA release files)")
+  o = sub.add_parser("omg_llava", parents=[common], help="OMG-LLaVA (zhangtao-whu/OMG-LLaVA release files)")
   o.add_argument("--internlm", required=True,
                  help="internlm2-chat-7b directory (config.json, safetensors shards + index, "
                       "tokenizer files)")
@@ -58,14 +60,10 @@ def _parser() -> argparse.ArgumentParser:
                       "omg_seg_convl.pth has no backbone.* keys")
   o.add_argument("--class-embed", required=True,
                  help="convnext_large_d_320_CocoPanopticOVDataset.pth (class text embeddings)")
-  o.add_argument("--out", required=True, help="output directory (must not exist)")
   o.add_argument("--dtype", default="bfloat16", choices=DTYPES,
                  help="storage dtype of the LLM (vision path and projectors stay float32)")
   o.add_argument("--size", default="omg_llava_7b", choices=("omg_llava_7b", "tiny"),
                  help="model configuration; omg_llava_7b for the release")
-  o.add_argument("--overwrite", action="store_true",
-                 help="replace an existing --out (only after the new conversion succeeded)")
-  o.add_argument("--no-progress", action="store_true", help="no progress bar")
   return p
 
 

@@ -87,7 +87,6 @@ from eval import gcg
 from eval.omg_llava_inputs import GCG_QUESTIONS, MAX_NEW_TOKENS, seg_positions, tokenize_prompt
 from models import generate as gen
 from models.omg_llava.modeling import pack_prompt, seg_hidden_from_generation
-from models.omg_seg.visual_tokens import downsampled_probs, visual_tokens
 
 SCORES = ("feature_norm", "perception")
 OBJECT_METHODS = ("altp", "topk", "random")     # pre-LLM methods that can put objects in budget
@@ -136,14 +135,13 @@ def encode_stage(model, pixels: jax.Array, *, score: str = "feature_norm") -> di
   """`model.encode_image(pixels)` plus token scores.
 
   Adds `pixel_scores` [B,G^2] and `object_scores` [B,M] float32 (M = V_max - G^2 - 1 object
-  slots; garbage on unused slots). `feature_norm` calls `encode_image` itself; `perception`
-  repeats its steps (the same ops, tested equal) to also read the perception-prior
-  probabilities, which `encode_image` does not return.
+  slots; garbage on unused slots). `feature_norm` is the norm of the projected token;
+  `perception` the cell's largest perception-prior probability (`encode_image(cell_probs=True)`).
   """
   cfg = model.config
   g2 = cfg.num_pixel_tokens
   if score == "perception":
-    out = _encode_with_cell_probs(model, pixels)
+    out = model.encode_image(pixels, cell_probs=True)
     cell = out["cell_prob"]
     owns = _object_cells(out["owner"], out["query_valid"], out["visual"].shape[1] - g2 - 1)
     obj = jnp.max(jnp.where(owns, cell[:, None, :], -jnp.inf), axis=-1)
@@ -151,31 +149,6 @@ def encode_stage(model, pixels: jax.Array, *, score: str = "feature_norm") -> di
   out = model.encode_image(pixels)
   norms = jnp.linalg.norm(out["visual"].astype(jnp.float32), axis=-1)
   return dict(out, pixel_scores=norms[:, :g2], object_scores=norms[:, g2 + 1:])
-
-
-def _encode_with_cell_probs(model, pixels):
-  """`OMGLLaVA.encode_image`'s steps (keep in step with it) plus `cell_prob` [B,G^2]: the
-  largest perception-prior probability of each grid cell over the queries."""
-  cfg = model.config
-  s = cfg.image_size
-  if pixels.ndim != 4 or pixels.shape[1:] != (s, s, cfg.backbone.in_chans):
-    raise ValueError(f"encode_image: pixels must be [B, {s}, {s}, {cfg.backbone.in_chans}] "
-                     f"(config image_size {s}), got {pixels.shape}")
-  feats = model.backbone(pixels.astype(cfg.backbone.dtype))
-  mask_features, memories = model.pixel_decoder(feats)
-  dec = model.decoder(mask_features, memories, model.class_embed[...])
-  vt = visual_tokens(feats[-1], dec, image_size=s)
-  tokens, valid = model.projector(vt["pixel_tokens"], vt["query_pos_feat"], vt["valid"])
-  v = cfg.num_visual_tokens_max
-  tokens, valid = tokens[:, :v], valid[:, :v]
-  fg = jnp.max(jax.nn.softmax(dec["cls_logits"].astype(jnp.float32), axis=-1)[..., :-1], axis=-1)
-  probs = downsampled_probs(dec["mask_logits"], 0.5 * fg + 0.5, cfg.grid, s)
-  b, q = probs.shape[:2]
-  return dict(visual=tokens, visual_valid=valid,
-              num_visual=jnp.sum(valid.astype(jnp.int32), axis=1),
-              pixel_tokens_projected=tokens[:, :cfg.num_pixel_tokens],
-              mask_features=mask_features, memories=list(memories), owner=vt["owner"],
-              query_valid=vt["valid"], cell_prob=jnp.max(probs.reshape(b, q, -1), axis=1))
 
 
 def _object_cells(owner: jax.Array, query_valid: jax.Array, m: int) -> jax.Array:
@@ -730,7 +703,7 @@ def main(argv=None):
   """`python -m eval.gcg --model omg_llava ...` (dispatched from eval/run_gcg.py)."""
   from convert.load import load_omg_llava
   from eval.omg_llava_tokenizer import load_omg_llava_tokenizer
-  from eval.run_gcg import _write_json, summary_table
+  from eval import run_gcg
 
   args = parse_args(argv)
   tok = load_omg_llava_tokenizer(args.checkpoint, add_missing=True)
@@ -743,15 +716,5 @@ def main(argv=None):
                progress=not args.no_progress, retry=args.omg_retry, split=args.split_programs)
   print(json.dumps({k: v for k, v in record.items() if k != "options"}, indent=2))
   if args.annotations and not args.skip_eval:
-    from eval import grandf, metrics
-    embedder = None
-    if args.bert:
-      from eval.text_embedder import BertMeanEmbedder
-      embedder = BertMeanEmbedder(args.bert)
-    caption_gt, mask_gt = grandf.gt_paths(args.annotations, args.split)
-    results = metrics.evaluate_gcg(os.path.join(args.out, "predictions"), caption_gt, mask_gt,
-                                   embedder)
-    _write_json(os.path.join(args.out, f"metrics_{args.split}.json"), results)
-    print(summary_table(results, record))
-    return results
+    return run_gcg.evaluate_and_report(args.out, args.annotations, args.split, record, args.bert)
   return record

@@ -41,7 +41,7 @@ from typing import Iterable, Mapping, Sequence
 
 import sentencepiece as spm
 
-from eval.tokenizer import _CLEAN_UP, _read_json, _token_content
+from eval.tokenizer import AddedVocabLookup, _CLEAN_UP, _read_json, _token_content
 
 IM_START_TOKEN = "<|im_start|>"
 IM_END_TOKEN = "<|im_end|>"
@@ -64,7 +64,7 @@ def _clean_up(text: str) -> str:
   return text
 
 
-class InternLM2SlowTokenizer:
+class InternLM2SlowTokenizer(AddedVocabLookup):
   """transformers-4.36 remote `InternLM2Tokenizer` behaviour on top of a SentencePiece model.
 
   Args:
@@ -187,20 +187,6 @@ class InternLM2SlowTokenizer:
   @property
   def eos_id(self) -> int:
     return self.sp.eos_id()
-
-  def token_to_id(self, token: str) -> int:
-    if token in self.added_encoder:
-      return self.added_encoder[token]
-    return self.sp.piece_to_id(token)
-
-  def id_to_token(self, idx: int) -> str:
-    idx = int(idx)
-    if idx in self.added_decoder:
-      return self.added_decoder[idx]
-    if not 0 <= idx < self.sp_size:
-      raise ValueError(f"tokenizer: id {idx} is outside the vocabulary [0, {len(self)}); "
-                       "IMAGE_TOKEN_INDEX (-200) must be removed before decoding")
-    return self.sp.id_to_piece(idx)
 
   # ----------------------------------------------------------------------------------------------
   def _split(self, text: str) -> list[str]:

@@ -286,18 +286,25 @@ def main(argv=None):
                progress=not args.no_progress, mesh=mesh)
   print(json.dumps({k: v for k, v in record.items() if k != "options"}, indent=2))
   if annotations and not args.skip_eval and jax.process_index() == 0:
-    from eval import grandf, metrics
-    embedder = None if args.checkpoint else embedded_default.recall_embedder()
-    if args.bert:
-      from eval.text_embedder import BertMeanEmbedder
-      embedder = BertMeanEmbedder(args.bert)
-    caption_gt, mask_gt = grandf.gt_paths(annotations, args.split)
-    results = metrics.evaluate_gcg(os.path.join(args.out, "predictions"), caption_gt, mask_gt,
-                                   embedder)
-    _write_json(os.path.join(args.out, f"metrics_{args.split}.json"), results)
-    print(summary_table(results, record))
-    return results
+    return evaluate_and_report(args.out, annotations, args.split, record, args.bert,
+                               None if args.checkpoint else embedded_default.recall_embedder())
   return record
+
+
+def evaluate_and_report(out_dir, annotations, split, record, bert_dir=None, embedder=None):
+  """The GCG metrics of OUT/predictions against a GranDf annotations folder: writes
+  OUT/metrics_{split}.json, prints the summary table, returns the metrics. `bert_dir` (a local
+  bert-base-uncased) overrides `embedder` for the recall's text similarity."""
+  from eval import grandf, metrics
+  if bert_dir:
+    from eval.text_embedder import BertMeanEmbedder
+    embedder = BertMeanEmbedder(bert_dir)
+  caption_gt, mask_gt = grandf.gt_paths(annotations, split)
+  results = metrics.evaluate_gcg(os.path.join(out_dir, "predictions"), caption_gt, mask_gt,
+                                 embedder)
+  _write_json(os.path.join(out_dir, f"metrics_{split}.json"), results)
+  print(summary_table(results, record))
+  return results
 
 
 if __name__ == "__main__":

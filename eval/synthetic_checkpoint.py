@@ -14,6 +14,7 @@ next to `config.json` (GLaMMConfig + the training config it came from) and the t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -143,7 +144,6 @@ def load_model(directory: str, compute_dtype=jnp.float32, seed: int = 0):
 
 
 def _with_dtype(cfg, dtype):
-  import dataclasses
   return dataclasses.replace(cfg, dtype=dtype)
 
 

@@ -89,7 +89,27 @@ def _token_content(value) -> str | None:
   raise ValueError(f"tokenizer: cannot read a special-token entry {value!r}")
 
 
-class LlamaSlowTokenizer:
+class AddedVocabLookup:
+  """id <-> token lookups over a SentencePiece model `sp` (`sp_size` pieces) plus added tokens
+  (`added_encoder` token -> id, `added_decoder` id -> token), shared by the LLaMA and InternLM2
+  tokenizers."""
+
+  def token_to_id(self, token: str) -> int:
+    if token in self.added_encoder:
+      return self.added_encoder[token]
+    return self.sp.piece_to_id(token)
+
+  def id_to_token(self, idx: int) -> str:
+    idx = int(idx)
+    if idx in self.added_decoder:
+      return self.added_decoder[idx]
+    if not 0 <= idx < self.sp_size:
+      raise ValueError(f"tokenizer: id {idx} is outside the vocabulary [0, {len(self)}); "
+                       "IMAGE_TOKEN_INDEX (-200) must be removed before decoding")
+    return self.sp.id_to_piece(idx)
+
+
+class LlamaSlowTokenizer(AddedVocabLookup):
   """transformers-4.28 slow `LlamaTokenizer` (legacy) behaviour on top of a SentencePiece model.
 
   Args:
@@ -236,20 +256,6 @@ class LlamaSlowTokenizer:
     """GLaMM sets `pad_token = unk_token`; a checkpoint without a pad token falls back to unk."""
     pad = self._special_id("pad_token")
     return self.unk_id if pad is None else pad
-
-  def token_to_id(self, token: str) -> int:
-    if token in self.added_encoder:
-      return self.added_encoder[token]
-    return self.sp.piece_to_id(token)
-
-  def id_to_token(self, idx: int) -> str:
-    idx = int(idx)
-    if idx in self.added_decoder:
-      return self.added_decoder[idx]
-    if not 0 <= idx < self.sp_size:
-      raise ValueError(f"tokenizer: id {idx} is outside the vocabulary [0, {len(self)}); "
-                       "IMAGE_TOKEN_INDEX (-200) must be removed before decoding")
-    return self.sp.id_to_piece(idx)
 
   # ----------------------------------------------------------------------------------------------
   def _split(self, text: str) -> list[str]:

@@ -71,9 +71,13 @@ class OMGLLaVA(nnx.Module):
 
   # -- image side ---------------------------------------------------------------------------------
 
-  def encode_image(self, pixels: jax.Array) -> dict[str, jax.Array]:
+  def encode_image(self, pixels: jax.Array, *, cell_probs: bool = False
+                   ) -> dict[str, jax.Array]:
     """pixels [B,S,S,3] (CLIP-normalised, padded square, channels-last) -> the dict of the module
-    docstring. The vision path runs in its own (float32) config dtypes."""
+    docstring. The vision path runs in its own (float32) config dtypes.
+
+    With `cell_probs` the dict also holds `cell_prob` [B,G^2] float32: each grid cell's largest
+    perception-prior probability over the queries (a token score for pruning)."""
     cfg = self.config
     s = cfg.image_size
     if pixels.ndim != 4 or pixels.shape[1:] != (s, s, cfg.backbone.in_chans):
@@ -88,11 +92,14 @@ class OMGLLaVA(nnx.Module):
     # the slots past V_max are always invalid: drop them for a shorter static span.
     v = cfg.num_visual_tokens_max
     tokens, valid = tokens[:, :v], valid[:, :v]
-    return dict(visual=tokens, visual_valid=valid,
-                num_visual=jnp.sum(valid.astype(jnp.int32), axis=1),
-                pixel_tokens_projected=tokens[:, :cfg.num_pixel_tokens],
-                mask_features=mask_features, memories=list(memories), owner=vt["owner"],
-                query_valid=vt["valid"])
+    out = dict(visual=tokens, visual_valid=valid,
+               num_visual=jnp.sum(valid.astype(jnp.int32), axis=1),
+               pixel_tokens_projected=tokens[:, :cfg.num_pixel_tokens],
+               mask_features=mask_features, memories=list(memories), owner=vt["owner"],
+               query_valid=vt["valid"])
+    if cell_probs:
+      out["cell_prob"] = vt["cell_prob"]
+    return out
 
   # -- text side ----------------------------------------------------------------------------------
 

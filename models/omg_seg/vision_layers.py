@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from models import sharding
+from models.sam.layers import layer_norm_f32
 
 # Random weights are placeholders until a checkpoint is loaded.
 _FAN_IN = nnx.initializers.variance_scaling(1.0, "fan_in", "normal")
@@ -93,13 +94,7 @@ class LayerNorm(nnx.Module):
         None, (dim,), param_dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    centred = x32 - mean
-    var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
-    y = centred * jax.lax.rsqrt(var + self.eps)
-    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-    return y.astype(self.dtype)
+    return layer_norm_f32(x, self.scale[...], self.bias[...], self.eps).astype(self.dtype)
 
 
 class GroupNorm(nnx.Module):

@@ -138,9 +138,23 @@ def perception_prior(cls_logits: jax.Array, mask_logits: jax.Array, query_pos_fe
   if mask_logits.shape[:2] != (b, q) or query_pos_feat.shape[:2] != (b, q):
     raise ValueError(f"perception_prior: batch/query dims differ: cls {cls_logits.shape}, masks "
                      f"{mask_logits.shape}, query_pos_feat {query_pos_feat.shape}")
+  return _prior_from_probs(cell_probabilities(cls_logits, mask_logits, grid, image_size),
+                           query_pos_feat)
+
+
+def cell_probabilities(cls_logits: jax.Array, mask_logits: jax.Array, grid: int,
+                       image_size: int | None = None) -> jax.Array:
+  """P_q per grid cell (spec 1.4 steps 3-4): [B, Q, G*G] float32, the foreground-score-scaled
+  mask probabilities read at the token grid."""
+  b, q = cls_logits.shape[:2]
   score = jnp.max(jax.nn.softmax(cls_logits.astype(jnp.float32), axis=-1)[..., :-1], axis=-1)
   probs = downsampled_probs(mask_logits, 0.5 * score + 0.5, grid, image_size)
-  probs = probs.reshape(b, q, grid * grid)
+  return probs.reshape(b, q, grid * grid)
+
+
+def _prior_from_probs(probs: jax.Array, query_pos_feat: jax.Array):
+  """(prior [B, G*G, D], owner [B, G*G], valid [B, Q]) from P [B, Q, G*G] (steps 5-6)."""
+  q = probs.shape[1]
   weights = jax.nn.softmax(probs, axis=1)
   prior = jnp.einsum("bqp,bqd->bpd", weights, query_pos_feat.astype(jnp.float32))
   owner = jnp.argmax(probs, axis=1).astype(jnp.int32)
@@ -160,7 +174,8 @@ def visual_tokens(clip_feat: jax.Array, decoder_out: dict[str, jax.Array],
       `32 * H` (stride of CLIP stage 4).
   Returns:
     dict with `pixel_tokens` [B, G*G, 4 Cc + 2C] (OMG: [B, 256, 6656] = clip 6144 ++ prior 512),
-    `query_pos_feat` [B, Q, 2C], `valid` [B, Q] bool, `owner` [B, G*G] int32; G = H / 2.
+    `query_pos_feat` [B, Q, 2C], `valid` [B, Q] bool, `owner` [B, G*G] int32, `cell_prob`
+    [B, G*G] float32 (each cell's largest P_q over the queries, a pruning score); G = H / 2.
   """
   b, h, w, _ = clip_feat.shape
   if h != w:
@@ -169,8 +184,9 @@ def visual_tokens(clip_feat: jax.Array, decoder_out: dict[str, jax.Array],
   s = 32 * h if image_size is None else image_size
   query_pos_feat = jnp.concatenate([decoder_out["query_feat_last"], decoder_out["query_pos"]],
                                    axis=-1)
-  prior, owner, valid = perception_prior(decoder_out["cls_logits"], decoder_out["mask_logits"],
-                                         query_pos_feat, grid, s)
+  probs = cell_probabilities(decoder_out["cls_logits"], decoder_out["mask_logits"], grid, s)
+  prior, owner, valid = _prior_from_probs(probs, query_pos_feat)
   clip = pixel_shuffle(clip_feat, 2)
   pixel = jnp.concatenate([clip, prior.astype(clip.dtype)], axis=-1)
-  return dict(pixel_tokens=pixel, query_pos_feat=query_pos_feat, valid=valid, owner=owner)
+  return dict(pixel_tokens=pixel, query_pos_feat=query_pos_feat, valid=valid, owner=owner,
+              cell_prob=jnp.max(probs, axis=1))

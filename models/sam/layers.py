@@ -68,6 +68,16 @@ class Linear(nnx.Module):
     return y
 
 
+def layer_norm_f32(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+  """torch `nn.LayerNorm` over the last axis (biased variance), statistics and affine in fp32;
+  returns float32 (callers cast)."""
+  x32 = x.astype(jnp.float32)
+  centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+  y = centred * jax.lax.rsqrt(var + eps)
+  return y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+
+
 class LayerNorm(nnx.Module):
   """LayerNorm over the last axis with biased variance (both `nn.LayerNorm` and SAM's `LayerNorm2d`,
   which normalises the channel axis of NCHW: the last axis in our NHWC layout).
@@ -84,13 +94,7 @@ class LayerNorm(nnx.Module):
         None, (dim,), param_dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    centred = x32 - mean
-    var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
-    y = centred * jax.lax.rsqrt(var + self.eps)
-    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-    return y.astype(x.dtype)
+    return layer_norm_f32(x, self.scale[...], self.bias[...], self.eps).astype(x.dtype)
 
 
 class MlpBlock(nnx.Module):
