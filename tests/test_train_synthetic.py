@@ -32,16 +32,6 @@ from eval.tokenizer import load_tokenizer, seg_token_id
 from eval.train_synthetic import SyntheticTrainConfig, _override, evaluate, train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fresh_compiler_state():
-  """This file compiles the largest programs of the suite (training steps); in a full-suite
-  process XLA:CPU aborted compiling them after ~430 earlier tests. Start from empty caches."""
-  import gc
-  jax.clear_caches()
-  gc.collect()
-  yield
-
-
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("syn"))
@@ -163,6 +153,7 @@ def _train_rows(workdir):
     return [r for r in map(json.loads, f) if r["kind"] == "train"]
 
 
+@pytest.mark.isolated
 def test_training_lowers_the_loss_and_resumes_exactly(data_root, tmp_path):
   cfg = SyntheticTrainConfig.micro(steps=8, warmup_steps=2, eval_every=0, ckpt_every=4,
                                    log_every=1)
@@ -211,6 +202,7 @@ def test_training_lowers_the_loss_and_resumes_exactly(data_root, tmp_path):
   assert m["loss"] == pytest.approx(m["ce"] + 2 * m["bce"] + 0.5 * m["dice"], rel=1e-5)
 
 
+@pytest.mark.isolated
 def test_gpu_job_driver_on_cpu(tmp_path):
   """The one-process device job (data + training + summary), at the test's micro settings."""
   from eval.synthetic_gpu_run import main
