@@ -19,7 +19,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 import altp_jax
 from altp_jax import gather
@@ -27,6 +26,7 @@ from altp_jax import ranking
 from altp_jax import pipeline
 from altp_jax import superpixels
 from models import generate as gen
+from models.flat_state import split_flat
 from models.sam.resize import linear_taps
 
 METHODS = ("none", "altp", "fastv", "pdrop", "random", "grid", "topk")
@@ -219,25 +219,28 @@ def gcg_forward(model, ids, valid, visual_mask, clip_pixels, sam_pixels, labels,
               num_segs=num_segs, keep_visual=keep)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "options"))
-def _gcg_jit(graphdef, state, ids, valid, visual_mask, clip_pixels, sam_pixels, labels, images01,
+@functools.partial(jax.jit, static_argnames=("fdef", "options"))
+def _gcg_jit(fdef, leaves, ids, valid, visual_mask, clip_pixels, sam_pixels, labels, images01,
              rng, *, options):
-  return gcg_forward(nnx.merge(graphdef, state), ids, valid, visual_mask, clip_pixels, sam_pixels,
+  return gcg_forward(fdef.merge(leaves), ids, valid, visual_mask, clip_pixels, sam_pixels,
                      labels, images01, rng, options=options)
 
 
 class GCGRunner:
-  """Holds a model split for jit and runs GCG batches; see `run_batch`."""
+  """Holds a model split for jit and runs GCG batches; see `run_batch`.
+
+  The state is kept as a flat list of arrays (`models.flat_state`): flattening an `nnx.State`
+  on every call would cost milliseconds of host time per batch."""
 
   def __init__(self, model, options: GCGOptions):
-    self.graphdef, self.state = nnx.split(model)
+    self.fdef, self.leaves = split_flat(model)
     self.options = options
     self.config = model.config
 
   def run_batch(self, ids, valid, visual_mask, clip_pixels, sam_pixels, labels=None,
                 images01=None, rng=None):
     rng = jax.random.key(self.options.prune.seed) if rng is None else rng
-    return _gcg_jit(self.graphdef, self.state, ids, valid, visual_mask, clip_pixels, sam_pixels,
+    return _gcg_jit(self.fdef, self.leaves, ids, valid, visual_mask, clip_pixels, sam_pixels,
                     labels, images01, rng, options=self.options)
 
 

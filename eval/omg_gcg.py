@@ -76,7 +76,6 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 import altp_jax
 from altp_jax import gather
@@ -86,6 +85,7 @@ from altp_jax import superpixels
 from eval import gcg
 from eval.omg_llava_inputs import GCG_QUESTIONS, MAX_NEW_TOKENS, seg_positions, tokenize_prompt
 from models import generate as gen
+from models.flat_state import split_flat
 from models.omg_llava.modeling import pack_prompt, seg_hidden_from_generation
 
 SCORES = ("feature_norm", "perception")
@@ -340,21 +340,21 @@ def omg_gcg_forward(model, ids, valid, visual_mask, pixels, labels, images01, rn
   return llm_stage(model, enc, ids, valid, visual_mask, labels, images01, rng, options=options)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "options"))
-def _omg_gcg_jit(graphdef, state, ids, valid, visual_mask, pixels, labels, images01, rng, *,
+@functools.partial(jax.jit, static_argnames=("fdef", "options"))
+def _omg_gcg_jit(fdef, leaves, ids, valid, visual_mask, pixels, labels, images01, rng, *,
                  options):
-  return omg_gcg_forward(nnx.merge(graphdef, state), ids, valid, visual_mask, pixels, labels,
+  return omg_gcg_forward(fdef.merge(leaves), ids, valid, visual_mask, pixels, labels,
                          images01, rng, options=options)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "score"))
-def _encode_jit(graphdef, state, pixels, *, score):
-  return encode_stage(nnx.merge(graphdef, state), pixels, score=score)
+@functools.partial(jax.jit, static_argnames=("fdef", "score"))
+def _encode_jit(fdef, leaves, pixels, *, score):
+  return encode_stage(fdef.merge(leaves), pixels, score=score)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "options"))
-def _llm_jit(graphdef, state, enc, ids, valid, visual_mask, labels, images01, rng, *, options):
-  return llm_stage(nnx.merge(graphdef, state), enc, ids, valid, visual_mask, labels, images01,
+@functools.partial(jax.jit, static_argnames=("fdef", "options"))
+def _llm_jit(fdef, leaves, enc, ids, valid, visual_mask, labels, images01, rng, *, options):
+  return llm_stage(fdef.merge(leaves), enc, ids, valid, visual_mask, labels, images01,
                    rng, options=options)
 
 
@@ -369,7 +369,7 @@ class OmgGCGRunner:
   """
 
   def __init__(self, model, options: OmgGCGOptions, split: bool = False):
-    self.graphdef, self.state = nnx.split(model)
+    self.fdef, self.leaves = split_flat(model)   # see eval.gcg.GCGRunner
     self.options = options
     self.config = model.config
     self.split = split
@@ -381,10 +381,10 @@ class OmgGCGRunner:
       raise ValueError("ALTP needs labels [B, G^2] (host superpixels) or images01 [B,S,S,3] "
                        "(device superpixels)")
     if self.split:
-      enc = _encode_jit(self.graphdef, self.state, pixels, score=self.options.score)
-      return _llm_jit(self.graphdef, self.state, enc, ids, valid, visual_mask, labels, images01,
+      enc = _encode_jit(self.fdef, self.leaves, pixels, score=self.options.score)
+      return _llm_jit(self.fdef, self.leaves, enc, ids, valid, visual_mask, labels, images01,
                       rng, options=self.options)
-    return _omg_gcg_jit(self.graphdef, self.state, ids, valid, visual_mask, pixels, labels,
+    return _omg_gcg_jit(self.fdef, self.leaves, ids, valid, visual_mask, pixels, labels,
                         images01, rng, options=self.options)
 
 

@@ -30,6 +30,7 @@ from eval import gcg, omg_gcg, run_gcg
 from eval.omg_llava_inputs import GCG_QUESTIONS, seg_positions
 from eval.omg_llava_tokenizer import load_omg_llava_tokenizer
 from models import generate as gen
+from models.flat_state import flatten_state
 from models.omg_llava.config import OMGLLaVAConfig
 from models.omg_llava.modeling import abstract_omg_llava
 
@@ -242,7 +243,8 @@ def test_cli_every_method_official_layout_and_resume(env):
 
 def _encode(graphdef, state, pixels, score="feature_norm"):
   """The split runner's vision program (shared with the CLI's --split-programs runs)."""
-  return omg_gcg._encode_jit(graphdef, state, pixels, score=score)
+  fdef, leaves = flatten_state(graphdef, state)
+  return omg_gcg._encode_jit(fdef, leaves, pixels, score=score)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "options", "generate"))
