@@ -223,17 +223,19 @@ def markdown(rows, meta):
         f"{r['batch']} | {_f(r['ms'], 1)} | {_f(r['images_per_s'])} | "
         f"{_f(j.get('vs_torch_same'))} | {_f(j.get('vs_torch_none'))} | {_f(r.get('tflops'), 1)} | "
         f"{_f(r.get('frac_matmul'), 3)} | {_f(r.get('kv_cache_gb'))} | {_f(r.get('peak_gb'), 1)} |")
-  lines += ["", "### Components (ms per call; decode step: one token for the whole batch)", "",
+  lines += ["", "### Components (ms per call; decode step: one token for the whole batch, timed alone; "
+            "decode loop: ms per step of 32 steps in one `fori_loop`)", "",
             "| framework | what | method | reduction | batch | ms | per image or [SEG] ms | "
             "TFLOP/s | of matmul | GB/s | of copy | floor ms |", "|" + "---|" * 12]
   comp = sorted((r for r in rows if r.get("what") in ("clip", "projector", "sam_encoder",
-                                                      "mask_decoder", "prefill", "decode_step")),
+                                                      "mask_decoder", "prefill", "decode_step",
+                                                      "decode_loop")),
                 key=lambda r: (r["what"], r["framework"], r["batch"], r.get("method") or "",
                                r.get("reduction") or 0))
   for r in comp:
     what = r["what"] + (f" ({r['sam_attention']})" if r.get("sam_attention") else "")
     per = r.get("ms_per_seg") if r["what"] == "mask_decoder" else (
-        None if r["what"] == "decode_step" else r["ms"] / r["batch"])
+        None if r["what"] in ("decode_step", "decode_loop") else r["ms"] / r["batch"])
     lines.append(
         f"| {r['framework']} | {what} | {r.get('method', '')} | {r.get('reduction', '')} | "
         f"{r['batch']} | {_f(r['ms'])} | {_f(per, 3)} | {_f(r.get('tflops'), 1)} | "

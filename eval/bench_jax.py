@@ -27,6 +27,7 @@ from flax import nnx
 from eval import bench_common as common
 from eval import bench_flops as flops
 from eval.bench_llm_decode import _copy_bandwidth, _nbytes
+from models.flat_state import flatten_state
 
 
 def _sync(x):
@@ -177,20 +178,23 @@ class Bench:
     t0 = time.perf_counter()
     if self.sam_only:   # only the SAM image encoder's parameters (--sam-only)
       from models.sam.image_encoder import ImageEncoder
-      self.graphdef, self.state = build_model(config.sam.image_encoder, ImageEncoder)
+      graphdef, state = build_model(config.sam.image_encoder, ImageEncoder)
     else:
-      self.graphdef, self.state = build_model(config)
-    _sync(self.state)
+      graphdef, state = build_model(config)
+    _sync(state)
     self.init_s = time.perf_counter() - t0
-    self.model_bytes = _nbytes(self.state)
+    self.model_bytes = _nbytes(state)
     if self.sam_only:
       self.non_llm_bytes = self.model_bytes
     else:
-      llm_state = nnx.state(nnx.merge(self.graphdef, self.state).llm)
+      llm_state = nnx.state(nnx.merge(graphdef, state).llm)
       self.non_llm_bytes = self.model_bytes - _nbytes(llm_state)
+    # Programs take the state as a flat list: flattening an nnx.State costs ~4 ms of host time
+    # per call, which would be timed as part of a decode step or a small component.
+    self.fdef, self.state = flatten_state(graphdef, state)
 
   def model(self, state):
-    return nnx.merge(self.graphdef, state)
+    return self.fdef.merge(state)
 
   def sam_encoder(self, state, impl=None):
     """The SAM image encoder of `state`, its attention switched to `impl` when given."""
@@ -263,7 +267,10 @@ class Bench:
     return data, {
         "prefill": lambda: jax.jit(prefill).lower(self.state, embeds, pos, valid, vmask),
         "decode_step": lambda: jax.jit(step, donate_argnums=2).lower(
-            self.state, token, out_shape[0], out_shape[2])}
+            self.state, token, out_shape[0], out_shape[2]),
+        "decode_loop": lambda: jax.jit(
+            llm_decode_loop_fn(self.model, lengths), donate_argnums=2).lower(
+                self.state, token, out_shape[0], out_shape[2])}
 
 
 def gcg_options(config, lay, method, reduction):
@@ -311,6 +318,26 @@ def llm_step_fns(model_fn, plan, new_tokens, lengths, mesh=None):
     h, caches = gen._decode_step(llm, token, caches, next_pos, lengths, 1)
     return jnp.argmax(llm.logits(h[:, None])[:, 0], -1).astype(jnp.int32), pin(caches)
   return prefill, step
+
+
+DECODE_LOOP_STEPS = 32
+
+
+def llm_decode_loop_fn(model_fn, lengths, steps: int = DECODE_LOOP_STEPS):
+  """loop(s, token [B], caches, next_pos) -> (last greedy token [B], caches): `steps` decode steps
+  in one `lax.fori_loop`, each feeding its argmax to the next, as generation runs them. Timing it
+  and dividing by `steps` gives the per-step cost without one host dispatch per step."""
+  from models import generate as gen
+
+  def loop(s, token, caches, next_pos):
+    llm = model_fn(s).llm
+
+    def body(i, carry):
+      tok, c = carry
+      h, c = gen._decode_step(llm, tok, c, next_pos, lengths, i)
+      return jnp.argmax(llm.logits(h[:, None])[:, 0], -1).astype(jnp.int32), c
+    return jax.lax.fori_loop(1, steps + 1, body, (token, caches))
+  return loop
 
 
 def run(args, log: common.JsonLog):
@@ -442,6 +469,18 @@ def run(args, log: common.JsonLog):
           nbytes = wbytes + kv
           row(what="decode_step", **tag, **t, compile_s=sec, floor_ms=nbytes / bw * 1e3,
               **flops.fractions(p * b, nbytes, t["ms"] / 1e3, rate, bw), **_memory(c2))
+          # The same step inside one fori_loop (as generation runs it): per-step time.
+          c3, sec = progs[("decode_loop",) + key]
+          n = DECODE_LOOP_STEPS
+
+          def run_loop():
+            nxt, box["caches"] = c3(st, tok, box["caches"], next_pos)
+            return nxt
+          t = common.median_ms(run_loop, _sync, args.repeats)
+          t = dict(t, **{k: t[k] / n for k in ("ms", "ms_min", "ms_max")})
+          row(what="decode_loop", steps=n, **tag, **t, compile_s=sec, floor_ms=nbytes / bw * 1e3,
+              of_floor=t["ms"] / (nbytes / bw * 1e3),
+              **flops.fractions(p * b, nbytes, t["ms"] / 1e3, rate, bw), **_memory(c3))
           del box, caches
         c, sec = progs[("e2e",) + key]
         sam_s = 0.0 if args.e2e == "fused" else progs["sam_encoder"][1]

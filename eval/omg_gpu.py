@@ -28,7 +28,8 @@ forced (EOS ignored), 8 [SEG] masks decoded per image. Per batch: `vision` (enco
 scores: ConvNeXt-L, pixel decoder, Mask2Former, perception prior, projector); per method (none,
 ALTP with device SLIC at 1024^2, FastV K=2, PyramidDrop layers 2/8/16/24, all at 90% reduction
 of the 256 pixel tokens): `prefill` (pruning + splice + packing + LLM prefill), `decode_step`
-(one token through every stage cache), and `e2e` (the vision program and the pruning + LLM +
+(one token through every stage cache, timed alone), `decode_loop` (32 steps in one
+`lax.fori_loop`, reported per step, as generation runs them), and `e2e` (the vision program and the pruning + LLM +
 masks program back to back, i.e. `OmgGCGRunner(split=True)`, blocked once at the end). Each is
 the median of a few calls after a warm-up call, with `block_until_ready`; programs are compiled
 ahead of time, a batch's programs in parallel threads. Per-image numbers divide by the batch.
@@ -333,10 +334,11 @@ def _prompt(config, batch: int, seed: int = 0):
 def speed(args, log, start: float) -> None:
   import jax
   import jax.numpy as jnp
-  from flax import nnx
   from eval import bench_common as common
   from eval import omg_gcg
+  from eval.bench_jax import llm_decode_loop_fn
   from models import generate as gen
+  from models.flat_state import flatten_state
 
   def sync(x):
     return jax.block_until_ready(x)
@@ -346,6 +348,7 @@ def speed(args, log, start: float) -> None:
   graphdef, state = random_state(config)
   sync(state)
   nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  fdef, state = flatten_state(graphdef, state)   # a flat list: cheap per call (models.flat_state)
   dev = jax.devices()[0]
   log.set("speed_setup", dict(init_s=time.perf_counter() - t0, model_gb=nbytes / 1e9,
                               device=str(dev), device_kind=dev.device_kind,
@@ -365,7 +368,7 @@ def speed(args, log, start: float) -> None:
     pixels, im01 = smooth_pixels(b, config.image_size)
     ids, valid, vis = _prompt(config, b)
     rng = jax.random.key(0)
-    enc_fn = jax.jit(lambda s, p: omg_gcg.encode_stage(nnx.merge(graphdef, s), p))
+    enc_fn = jax.jit(lambda s, p: omg_gcg.encode_stage(fdef.merge(s), p))
     enc_shape = jax.eval_shape(enc_fn, state, pixels)
     lowerings = {"vision": lambda: enc_fn.lower(state, pixels)}
     layouts = {}
@@ -377,11 +380,11 @@ def speed(args, log, start: float) -> None:
       im = im01 if method == "altp" else None
 
       def full(s, enc, im, rng, opts=opts):
-        return omg_gcg.llm_stage(nnx.merge(graphdef, s), enc, ids, valid, vis, None, im, rng,
+        return omg_gcg.llm_stage(fdef.merge(s), enc, ids, valid, vis, None, im, rng,
                                  options=opts)
 
       def prefill(s, enc, im, rng, opts=opts, plan=plan):
-        m = nnx.merge(graphdef, s)
+        m = fdef.merge(s)
         x = omg_gcg.llm_inputs(m, enc, ids, valid, vis, None, im, rng, options=opts)
         caches, _, hidden, next_pos, _ = gen._prefill(m.llm, x["embeds"], x["positions"],
                                                       x["valid"], x["pixel_mask"], plan,
@@ -389,7 +392,7 @@ def speed(args, log, start: float) -> None:
         return caches, hidden, next_pos
 
       def step(s, token, caches, next_pos, lengths=lengths):
-        llm = nnx.merge(graphdef, s).llm
+        llm = fdef.merge(s).llm
         h, caches = gen._decode_step(llm, token, caches, next_pos, lengths, 1)
         return jnp.argmax(llm.logits(h[:, None])[:, 0], -1).astype(jnp.int32), caches
 
@@ -401,6 +404,9 @@ def speed(args, log, start: float) -> None:
           state, enc_shape, im, rng))
       lowerings[("decode_step", method)] = (lambda f=step, o=out_shape: jax.jit(
           f, donate_argnums=2).lower(state, token, o[0], o[2]))
+      lowerings[("decode_loop", method)] = (
+          lambda f=llm_decode_loop_fn(fdef.merge, lengths), o=out_shape: jax.jit(
+              f, donate_argnums=2).lower(state, token, o[0], o[2]))
     print(f"[speed] batch {b}: compiling {len(lowerings)} programs", flush=True)
     errors = {}
     progs = common.compile_many(lowerings, args.compile_workers, errors=errors)
@@ -439,6 +445,7 @@ def _time_method(args, log, progs, state, enc, vision, pixels, im01, rng, b, met
   import jax
   import jax.numpy as jnp
   from eval import bench_common as common
+  from eval.bench_jax import DECODE_LOOP_STEPS
 
   def sync(x):
     return jax.block_until_ready(x)
@@ -471,6 +478,16 @@ def _time_method(args, log, progs, state, enc, vision, pixels, im01, rng, b, met
     return nxt
   t = common.median_ms(run_step, sync, args.repeats)
   log.add(dict(part="speed", what="decode_step", **tag, **t, compile_s=sec))
+  if ("decode_loop", method) in progs:   # the step inside one fori_loop, as generation runs it
+    c4, sec = progs[("decode_loop", method)]
+
+    def run_loop():
+      nxt, holder["caches"] = c4(state, tok, holder["caches"], next_pos)
+      return nxt
+    t = common.median_ms(run_loop, sync, args.repeats)
+    n = DECODE_LOOP_STEPS
+    log.add(dict(part="speed", what="decode_loop", steps=n, **tag, compile_s=sec,
+                 **dict(t, **{k: t[k] / n for k in ("ms", "ms_min", "ms_max")})))
   del holder, caches
   c3, sec = progs[("e2e", method)]
 
