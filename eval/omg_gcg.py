@@ -491,11 +491,17 @@ def host_image(path: str, config, options: OmgGCGOptions):
 
 
 def make_row_runner(runner: OmgGCGRunner, prompts, images: list, batch_size: int, tok,
-                    stats: dict | None = None):
+                    stats: dict | None = None, mesh=None):
   """A `run_rows` for `answer_with_retry`: runs the rows (padded to `batch_size` with copies of
-  the first) with their questions and returns `RowResult`s; `images` are `host_image` tuples."""
+  the first) with their questions and returns `RowResult`s; `images` are `host_image` tuples.
+  With `mesh`, every device batch is split over the mesh's batch axes (`data`, `fsdp`)."""
+  from models import mesh as mesh_lib
+  from models import placement
   opts = runner.options
   stop_ids = (opts.sampler.eos_id,) + tuple(opts.sampler.stop_ids)
+
+  def put(x, names):
+    return x if mesh is None or x is None else placement.put_global(x, names, mesh)
 
   def run_rows(rows, questions):
     results = []
@@ -511,6 +517,9 @@ def make_row_runner(runner: OmgGCGRunner, prompts, images: list, batch_size: int
                 else np.stack([images[r][2] for r in chunk_p]))
       im01 = (None if images[chunk[0]][3] is None
               else np.stack([images[r][3] for r in chunk_p]))
+      tokens_, pix_ = mesh_lib.ACT_TOKENS, mesh_lib.ACT_PIXELS
+      ids, valid, vis, labels = (put(x, tokens_) for x in (ids, valid, vis, labels))
+      pixels, im01 = put(pixels, pix_), put(im01, pix_)
       t0 = time.perf_counter()
       out = runner.run_batch(ids, valid, vis, pixels, labels, im01)
       out = jax.device_get(out)
@@ -565,15 +574,30 @@ def visual_retention(options: OmgGCGOptions, config, num_visual: int, kept_visua
 
 def run(model, tokenizer, image_dir, out_dir, options: OmgGCGOptions, batch_size: int = 1,
         limit: int | None = None, progress: bool = True, retry: bool = True,
-        max_pictures: int = 4, split: bool = False) -> dict:
+        max_pictures: int = 4, split: bool = False, mesh=None) -> dict:
   """GCG over every pending image of `image_dir` (one prediction JSON each in
   `out_dir/predictions/`, atomically; finished images are skipped); returns the run record,
-  also written to `out_dir/run.json`. `split`: see `OmgGCGRunner`."""
+  also written to `out_dir/run.json`. `split`: see `OmgGCGRunner`.
+
+  `mesh` (see `models.mesh`; one process): the parameters are placed by their logical axis names
+  and each device batch of `batch_size` rows is split over the mesh's batch axes. Several
+  processes are refused: the question retry re-runs a data-dependent subset of rows, which the
+  processes would have to agree on batch by batch (give each host its own image folder instead).
+  """
   from tqdm import tqdm
   from eval import multihost
   from eval.run_gcg import _save_picture, _write_json, list_images
+  from models import mesh as mesh_lib
+  from models import placement
 
   cfg = model.config
+  if mesh is not None:
+    if jax.process_count() > 1:
+      raise ValueError(f"OMG-LLaVA GCG runs in one process per mesh ({jax.process_count()} "
+                       "processes found): the question retry is decided per host; run one "
+                       "process per host on its own share of the images")
+    mesh_lib.check_divisible(cfg, mesh, batch_size)
+    model = placement.place_model(model, mesh)
   pred_dir = os.path.join(out_dir, "predictions")
   os.makedirs(pred_dir, exist_ok=True)
   names = list_images(image_dir)
@@ -594,7 +618,7 @@ def run(model, tokenizer, image_dir, out_dir, options: OmgGCGOptions, batch_size
     t0 = time.perf_counter()
     images = [host_image(os.path.join(image_dir, f), cfg, options) for f in batch]
     stats["host_preprocess"] += time.perf_counter() - t0
-    run_rows = make_row_runner(runner, prompts, images, batch_size, tokenizer, stats)
+    run_rows = make_row_runner(runner, prompts, images, batch_size, tokenizer, stats, mesh)
     results, _ = answer_with_retry(run_rows, len(batch), options.seg_id, retry)
     t2 = time.perf_counter()
     records = {}
@@ -628,7 +652,8 @@ def run(model, tokenizer, image_dir, out_dir, options: OmgGCGOptions, batch_size
                 mean_visual_tokens=acc["visual"] / n, mean_visual_kept=acc["kept"] / n,
                 mean_reduction=acc["reduction"] / n,
                 mean_layer_avg_retention=acc["layer_avg_retention"] / n,
-                pictures=pictures, options=repr(options), device=str(jax.devices()[0]))
+                pictures=pictures, options=repr(options), device=str(jax.devices()[0]),
+                mesh=None if mesh is None else dict(mesh.shape))
   _write_json(os.path.join(out_dir, "run.json"), record)
   return record
 
@@ -683,7 +708,11 @@ def parse_args(argv=None):
   p.add_argument("--pdrop-layers", default=None, help="comma list (default 2,8,16,24)")
   p.add_argument("--pdrop-ratios", default=None, help="comma list (default 1,0.5,0.25,0.125)")
   p.add_argument("--seed", type=int, default=0, help="seed of --prune random")
-  p.add_argument("--batch-size", type=int, default=1)
+  p.add_argument("--batch-size", type=int, default=1,
+                 help="device batch; with a mesh, split over its data/fsdp axes")
+  p.add_argument("--mesh", default=None,
+                 help="device mesh, e.g. data=-1 (all devices data-parallel) or data=2,tensor=4; "
+                      "default: the first device")
   p.add_argument("--split-programs", action="store_true",
                  help="compile the vision encoder once and the pruning + LLM program per "
                       "options (two programs) instead of one program per options")
@@ -705,15 +734,19 @@ def main(argv=None):
   from eval.omg_llava_tokenizer import load_omg_llava_tokenizer
   from eval import run_gcg
 
+  from models import mesh as mesh_lib
+
   args = parse_args(argv)
+  mesh = mesh_lib.make_mesh(args.mesh) if args.mesh else None
   tok = load_omg_llava_tokenizer(args.checkpoint, add_missing=True)
-  model = load_omg_llava(args.checkpoint)
+  model = load_omg_llava(args.checkpoint, mesh=mesh)
   if model.config.llm.vocab_size < len(tok):
     raise ValueError(f"{args.checkpoint}: the tokenizer has {len(tok)} ids, the model's "
                      f"vocabulary only {model.config.llm.vocab_size}")
   options = build_options(args, tok, model.config)
   record = run(model, tok, args.images, args.out, options, args.batch_size, args.limit,
-               progress=not args.no_progress, retry=args.omg_retry, split=args.split_programs)
+               progress=not args.no_progress, retry=args.omg_retry, split=args.split_programs,
+               mesh=mesh)
   print(json.dumps({k: v for k, v in record.items() if k != "options"}, indent=2))
   if args.annotations and not args.skip_eval:
     return run_gcg.evaluate_and_report(args.out, args.annotations, args.split, record, args.bert)

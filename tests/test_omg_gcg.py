@@ -437,3 +437,35 @@ def test_prompts_share_one_length(env):
     assert p.visual_mask.sum() == cfg.num_visual_tokens_max
   with pytest.raises(ValueError, match="omg-score"):
     omg_gcg.OmgGCGOptions(score="cls")
+
+
+def test_data_parallel_mesh_matches_one_device(env, monkeypatch):
+  """`run(..., mesh=data=2)` (the CLI's `--mesh`): the parameters placed by their logical names,
+  each device batch split over two CPU devices; the predictions equal the one-device run's."""
+  from models import mesh as mesh_lib
+  mesh = mesh_lib.make_mesh("data=2", jax.devices()[:2])
+  options = _options(env, "none")
+  seen = []
+  original = omg_gcg.OmgGCGRunner.run_batch
+
+  def spy(self, ids, valid, visual_mask, pixels, *rest):
+    seen.append((getattr(pixels, "sharding", None), self.leaves[0].sharding))
+    return original(self, ids, valid, visual_mask, pixels, *rest)
+  monkeypatch.setattr(omg_gcg.OmgGCGRunner, "run_batch", spy)
+  outs = {}
+  for tag, m in (("one", None), ("mesh", mesh)):
+    out = str(env["root"] / f"mesh_{tag}")
+    rec = omg_gcg.run(env["plain"], env["tok"], env["images"], out, options, batch_size=B,
+                      progress=False, split=True, mesh=m)
+    assert rec["images_done"] == 3
+    outs[tag] = {f: json.load(open(os.path.join(out, "predictions", f)))
+                 for f in sorted(os.listdir(os.path.join(out, "predictions")))}
+  assert rec["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}
+  assert outs["mesh"] == outs["one"]
+  pix_sh, param_sh = seen[-1]                      # the mesh run's last batch
+  assert pix_sh.mesh.shape == mesh.shape and pix_sh.spec[0] == ("data", "fsdp")
+  assert param_sh.mesh.shape == mesh.shape and len(param_sh.device_set) == 2
+  with pytest.raises(mesh_lib.MeshError, match="batch"):
+    omg_gcg.run(env["plain"], env["tok"], env["images"], str(env["root"] / "mesh_bad"),
+                options, batch_size=3, mesh=mesh, progress=False)
+  assert omg_gcg.parse_args(_cli_args(env, "none", "o", 0.5, "--mesh", "data=2")).mesh == "data=2"
