@@ -716,6 +716,9 @@ def parse_args(argv=None):
   p.add_argument("--split-programs", action="store_true",
                  help="compile the vision encoder once and the pruning + LLM program per "
                       "options (two programs) instead of one program per options")
+  p.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=True,
+                 help="one matmul for each LLM layer's q/k/v and gate/up (faster decoding; "
+                      "models/llama/fuse.py); never with a tensor axis > 1")
   p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
   p.add_argument("--max-segs", type=int, default=DEFAULT_MAX_MASKS,
                  help="masks decoded per image at most")
@@ -735,6 +738,7 @@ def main(argv=None):
   from eval import run_gcg
 
   from models import mesh as mesh_lib
+  from models.llama import fuse
 
   args = parse_args(argv)
   mesh = mesh_lib.make_mesh(args.mesh) if args.mesh else None
@@ -744,6 +748,8 @@ def main(argv=None):
     raise ValueError(f"{args.checkpoint}: the tokenizer has {len(tok)} ids, the model's "
                      f"vocabulary only {model.config.llm.vocab_size}")
   options = build_options(args, tok, model.config)
+  if args.fuse_projections and fuse.should_fuse(mesh):
+    fuse.fuse_projections(model.llm)   # in place: this model is loaded for this run only
   record = run(model, tok, args.images, args.out, options, args.batch_size, args.limit,
                progress=not args.no_progress, retry=args.omg_retry, split=args.split_programs,
                mesh=mesh)

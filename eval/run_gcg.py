@@ -222,6 +222,9 @@ def parse_args(argv=None):
   p.add_argument("--mesh", default=None,
                  help="device mesh, e.g. data=-1 (all devices data-parallel; the default when "
                       "several devices are visible) or data=2,fsdp=1,tensor=4")
+  p.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=True,
+                 help="one matmul for each layer's q/k/v and gate/up (faster decoding; "
+                      "models/llama/fuse.py); never with a tensor axis > 1")
   p.add_argument("--max-new-tokens", type=int, default=512)
   p.add_argument("--max-segs", type=int, default=16, help="masks decoded per image at most")
   p.add_argument("--limit", type=int, default=None, help="process at most this many images")
@@ -259,6 +262,7 @@ def main(argv=None):
   args = parse_args(argv)
   from eval import multihost
   from models import mesh as mesh_lib
+  from models.llama import fuse
   multihost.initialize()
   mesh_spec = args.mesh or ("data=-1" if jax.device_count() > 1 else None)
   mesh = mesh_lib.make_mesh(mesh_spec) if mesh_spec else None
@@ -282,6 +286,8 @@ def main(argv=None):
                                   pad_id=tokenizer.pad_id or 0),
         seg_id=seg_token_id(tokenizer), max_segs=args.max_segs,
         grid=(model.config.vision.grid,) * 2)
+  if args.fuse_projections and fuse.should_fuse(mesh):
+    fuse.fuse_projections(model.llm)   # in place: this model is loaded for this run only
   record = run(model, tokenizer, images, args.out, options, args.batch_size, args.limit,
                progress=not args.no_progress, mesh=mesh)
   print(json.dumps({k: v for k, v in record.items() if k != "options"}, indent=2))

@@ -84,20 +84,32 @@ class LlamaAttention(nnx.Module):
     self.k_proj = _dense(cfg, d, hkv, ("embed", "kv_heads_x_dim"), rngs)
     self.v_proj = _dense(cfg, d, hkv, ("embed", "kv_heads_x_dim"), rngs)
     self.o_proj = _dense(cfg, hq, d, ("q_heads_x_dim", "embed"), rngs)
+    self.qkv_proj = None   # [D, Hq*Dh + 2*Hkv*Dh] after `models.llama.fuse.fuse_projections`
+
+  def _qkv(self, x: jax.Array):
+    """Pre-RoPE q [B,T,Hq,Dh], k and v [B,T,Hkv,Dh] of x [B,T,D] (one matmul when fused)."""
+    b, t, _ = x.shape
+    hq, hkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+    if self.qkv_proj is not None:
+      qkv = self.qkv_proj(x)
+      q, k, v = qkv[..., :hq], qkv[..., hq:hq + hkv], qkv[..., hq + hkv:]
+    else:
+      q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    return (q.reshape(b, t, self.num_heads, self.head_dim),
+            k.reshape(b, t, self.num_kv_heads, self.head_dim),
+            v.reshape(b, t, self.num_kv_heads, self.head_dim))
 
   def query_key(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
     """Post-RoPE q [B,T,Hq,Dh] and k [B,T,Hkv,Dh] of the (already normalised) input x [B,T,D]."""
-    b, t, _ = x.shape
-    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q, k, _ = self._qkv(x)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
   def __call__(self, x, cos, sin, mask, kv=None, write_index=None):
     """x [B,T,D] (normalised); mask [B,1,T,S] bool; kv: None or (k, v) buffers [B,S,Hkv,Dh] with
     write_index [B]. Returns (out [B,T,D], new (k, v) buffers or None, (q, k) of the new tokens)."""
     b, t, _ = x.shape
-    q, k = self.query_key(x, cos, sin)
-    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q, k, v = self._qkv(x)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if kv is None:
       keys, values, new_kv = k, v, None
     else:
@@ -117,8 +129,13 @@ class LlamaMLP(nnx.Module):
     self.gate_proj = _dense(cfg, d, m, ("embed", "mlp"), rngs)
     self.up_proj = _dense(cfg, d, m, ("embed", "mlp"), rngs)
     self.down_proj = _dense(cfg, m, d, ("mlp", "embed"), rngs)
+    self.gate_up_proj = None   # [D, 2M] after `models.llama.fuse.fuse_projections`
 
   def __call__(self, x):
+    if self.gate_up_proj is not None:
+      gu = self.gate_up_proj(x)
+      m = gu.shape[-1] // 2
+      return self.down_proj(jax.nn.silu(gu[..., :m]) * gu[..., m:])
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
