@@ -72,6 +72,9 @@ def parse_args(argv=None):
                  help="with --part jax: time only the SAM image encoder (its parameters alone), "
                       "once per --sam-attention path and batch")
   p.add_argument("--compile-workers", type=int, default=min(4, os.cpu_count() or 1))
+  p.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=True,
+                 help="JAX LLM with fused q/k/v and gate/up matmuls (models/llama/fuse.py), as "
+                      "`python -m eval.gcg` runs it")
   p.add_argument("--no-components", dest="components", action="store_false")
   p.add_argument("--no-search", dest="search", action="store_false")
   p.add_argument("--search-cap-s", type=float, default=None, help="default 90 (quick: 20)")

@@ -28,6 +28,7 @@ from eval import bench_common as common
 from eval import bench_flops as flops
 from eval.bench_llm_decode import _copy_bandwidth, _nbytes
 from models.flat_state import flatten_state
+from models.llama.fuse import fuse_projections
 
 
 def _sync(x):
@@ -181,6 +182,11 @@ class Bench:
       graphdef, state = build_model(config.sam.image_encoder, ImageEncoder)
     else:
       graphdef, state = build_model(config)
+      if getattr(args, "fuse_projections", True):   # as `python -m eval.gcg` runs the model
+        model = nnx.merge(graphdef, state)
+        fuse_projections(model.llm)
+        graphdef, state = nnx.split(model)
+        del model
     _sync(state)
     self.init_s = time.perf_counter() - t0
     self.model_bytes = _nbytes(state)
@@ -351,6 +357,7 @@ def run(args, log: common.JsonLog):
   enc = config.sam.image_encoder
   log.set("jax", dict(device=str(dev), device_kind=dev.device_kind, platform=dev.platform,
                       jax=jax.__version__, layout=lay.__dict__, e2e=args.e2e,
+                      fuse_projections=getattr(args, "fuse_projections", True),
                       sam_chunk=args.sam_chunk, sam_attention=impls,
                       sam_attention_paths={i: sam_attention_paths(enc, i) for i in impls}))
   n_mm = 256 if args.tiny else 8192

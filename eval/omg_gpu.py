@@ -71,6 +71,8 @@ def parse_args(argv=None):
                  help="speed model's vision dtype (the original runs OMG-Seg in float32)")
   p.add_argument("--no-fp32-port", action="store_true",
                  help="parity: skip the port's float32 vision pass (saves one compile)")
+  p.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=True,
+                 help="speed model's LLM with fused q/k/v and gate/up matmuls")
   p.add_argument("--compile-workers", type=int, default=8)
   p.add_argument("--budget-s", type=float, default=420.0,
                  help="start no new measurement after this many seconds; a batch's programs "
@@ -338,7 +340,9 @@ def speed(args, log, start: float) -> None:
   from eval import omg_gcg
   from eval.bench_jax import llm_decode_loop_fn
   from models import generate as gen
+  from flax import nnx
   from models.flat_state import flatten_state
+  from models.llama.fuse import fuse_projections
 
   def sync(x):
     return jax.block_until_ready(x)
@@ -348,12 +352,18 @@ def speed(args, log, start: float) -> None:
   graphdef, state = random_state(config)
   sync(state)
   nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  if args.fuse_projections:   # as `python -m eval.gcg --model omg_llava` runs the LLM
+    model = nnx.merge(graphdef, state)
+    fuse_projections(model.llm)
+    graphdef, state = nnx.split(model)
+    del model
   fdef, state = flatten_state(graphdef, state)   # a flat list: cheap per call (models.flat_state)
   dev = jax.devices()[0]
   log.set("speed_setup", dict(init_s=time.perf_counter() - t0, model_gb=nbytes / 1e9,
                               device=str(dev), device_kind=dev.device_kind,
                               vision_dtype=args.vision_dtype, new_tokens=args.new_tokens,
-                              segs=args.segs, reduction=args.reduction, jax=jax.__version__))
+                              segs=args.segs, reduction=args.reduction, jax=jax.__version__,
+                              fuse_projections=args.fuse_projections))
   print(f"[speed] model built in {time.perf_counter() - t0:.1f} s ({nbytes / 1e9:.2f} GB)",
         flush=True)
   g2 = config.num_pixel_tokens
