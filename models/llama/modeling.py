@@ -19,6 +19,9 @@ and masked by boolean key-valid masks (padding, pruned tokens); see `cache.py`.
 
 The layer loop is a Python loop over `nnx.List` entries, not `lax.scan`: under jit the layers are
 unrolled, which lets a decode step stream each layer's weights once (performance_notes.md).
+For inference, `models.llama.fuse.fuse_projections(model)` replaces each layer's q/k/v and
+gate/up matrices by one concatenated matrix each (`qkv_proj`, `gate_up_proj`); checkpoints and
+conversion keep the separate HF layout.
 """
 
 from __future__ import annotations
