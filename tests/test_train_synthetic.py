@@ -153,7 +153,6 @@ def _train_rows(workdir):
     return [r for r in map(json.loads, f) if r["kind"] == "train"]
 
 
-@pytest.mark.isolated
 def test_training_lowers_the_loss_and_resumes_exactly(data_root, tmp_path):
   cfg = SyntheticTrainConfig.micro(steps=8, warmup_steps=2, eval_every=0, ckpt_every=4,
                                    log_every=1)
@@ -202,7 +201,6 @@ def test_training_lowers_the_loss_and_resumes_exactly(data_root, tmp_path):
   assert m["loss"] == pytest.approx(m["ce"] + 2 * m["bce"] + 0.5 * m["dice"], rel=1e-5)
 
 
-@pytest.mark.isolated
 def test_gpu_job_driver_on_cpu(tmp_path):
   """The one-process device job (data + training + summary), at the test's micro settings."""
   from eval.synthetic_gpu_run import main
