@@ -16,7 +16,6 @@ bounded at large batches.
 
 from __future__ import annotations
 
-import functools
 import time
 
 import jax
@@ -329,10 +328,22 @@ def llm_step_fns(model_fn, plan, new_tokens, lengths, mesh=None):
 DECODE_LOOP_STEPS = 32
 
 
-def llm_decode_loop_fn(model_fn, lengths, steps: int = DECODE_LOOP_STEPS):
-  """loop(s, token [B], caches, next_pos) -> (last greedy token [B], caches): `steps` decode steps
-  in one `lax.fori_loop`, each feeding its argmax to the next, as generation runs them. Timing it
-  and dividing by `steps` gives the per-step cost without one host dispatch per step."""
+def time_decode_loop(loop, state, token, box: dict, next_pos, sync, repeats: int) -> dict:
+  """Per-step milliseconds (median/min/max over `repeats` calls, `steps` included) of a compiled
+  `llm_decode_loop_fn` program; the donated caches travel through `box["caches"]`."""
+  def run():
+    nxt, box["caches"] = loop(state, token, box["caches"], next_pos)
+    return nxt
+  t = common.median_ms(run, sync, repeats)
+  n = DECODE_LOOP_STEPS
+  return dict(t, steps=n, **{k: t[k] / n for k in ("ms", "ms_min", "ms_max")})
+
+
+def llm_decode_loop_fn(model_fn, lengths):
+  """loop(s, token [B], caches, next_pos) -> (last greedy token [B], caches): DECODE_LOOP_STEPS
+  decode steps in one `lax.fori_loop`, each feeding its argmax to the next, as generation runs
+  them. `time_decode_loop` divides by the step count: the per-step cost without one host
+  dispatch per step."""
   from models import generate as gen
 
   def loop(s, token, caches, next_pos):
@@ -342,7 +353,7 @@ def llm_decode_loop_fn(model_fn, lengths, steps: int = DECODE_LOOP_STEPS):
       tok, c = carry
       h, c = gen._decode_step(llm, tok, c, next_pos, lengths, i)
       return jnp.argmax(llm.logits(h[:, None])[:, 0], -1).astype(jnp.int32), c
-    return jax.lax.fori_loop(1, steps + 1, body, (token, caches))
+    return jax.lax.fori_loop(1, DECODE_LOOP_STEPS + 1, body, (token, caches))
   return loop
 
 
@@ -478,14 +489,8 @@ def run(args, log: common.JsonLog):
               **flops.fractions(p * b, nbytes, t["ms"] / 1e3, rate, bw), **_memory(c2))
           # The same step inside one fori_loop (as generation runs it): per-step time.
           c3, sec = progs[("decode_loop",) + key]
-          n = DECODE_LOOP_STEPS
-
-          def run_loop():
-            nxt, box["caches"] = c3(st, tok, box["caches"], next_pos)
-            return nxt
-          t = common.median_ms(run_loop, _sync, args.repeats)
-          t = dict(t, **{k: t[k] / n for k in ("ms", "ms_min", "ms_max")})
-          row(what="decode_loop", steps=n, **tag, **t, compile_s=sec, floor_ms=nbytes / bw * 1e3,
+          t = time_decode_loop(c3, st, tok, box, next_pos, _sync, args.repeats)
+          row(what="decode_loop", **tag, **t, compile_s=sec, floor_ms=nbytes / bw * 1e3,
               of_floor=t["ms"] / (nbytes / bw * 1e3),
               **flops.fractions(p * b, nbytes, t["ms"] / 1e3, rate, bw), **_memory(c3))
           del box, caches

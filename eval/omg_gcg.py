@@ -210,15 +210,8 @@ def pre_llm_keep(options: OmgGCGOptions, enc: dict, labels, images01, rng, *, gr
     else:
       num_segments = prune.num_segments(g2)
   if not options.include_objects:
-    if prune.method == "altp":
-      keep = altp_jax.altp.altp_select(pix_scores, labels, k, config=prune.altp,
-                                       features=pix_feats, num_segments=num_segments)
-    elif prune.method == "topk":
-      keep = altp_jax.topk_select(pix_scores, k)
-    elif prune.method == "random":
-      keep = altp_jax.random_select(rng, (b,), g2, k)
-    else:
-      keep = altp_jax.grid_select((grid, grid), k, (b,))
+    keep = gcg.pre_llm_keep(prune.method, k, pix_feats, pix_scores, labels, rng, prune.altp,
+                            num_segments if prune.method == "altp" else None, (grid, grid))
     span_keep = jnp.concatenate([ranking.keep_mask(keep, g2), jnp.ones((b, v - g2), bool)], 1)
     return keep, span_keep & visual_valid, g2 - k
   # Objects in the budget: one pool of G^2 pixel and M object slots.

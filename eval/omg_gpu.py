@@ -366,7 +366,6 @@ def speed(args, log, start: float) -> None:
                               fuse_projections=args.fuse_projections))
   print(f"[speed] model built in {time.perf_counter() - t0:.1f} s ({nbytes / 1e9:.2f} GB)",
         flush=True)
-  g2 = config.num_pixel_tokens
   last_compile_s = 0.0
 
   for b in args.batches:
@@ -455,7 +454,7 @@ def _time_method(args, log, progs, state, enc, vision, pixels, im01, rng, b, met
   import jax
   import jax.numpy as jnp
   from eval import bench_common as common
-  from eval.bench_jax import DECODE_LOOP_STEPS
+  from eval.bench_jax import time_decode_loop
 
   def sync(x):
     return jax.block_until_ready(x)
@@ -490,14 +489,8 @@ def _time_method(args, log, progs, state, enc, vision, pixels, im01, rng, b, met
   log.add(dict(part="speed", what="decode_step", **tag, **t, compile_s=sec))
   if ("decode_loop", method) in progs:   # the step inside one fori_loop, as generation runs it
     c4, sec = progs[("decode_loop", method)]
-
-    def run_loop():
-      nxt, holder["caches"] = c4(state, tok, holder["caches"], next_pos)
-      return nxt
-    t = common.median_ms(run_loop, sync, args.repeats)
-    n = DECODE_LOOP_STEPS
-    log.add(dict(part="speed", what="decode_loop", steps=n, **tag, compile_s=sec,
-                 **dict(t, **{k: t[k] / n for k in ("ms", "ms_min", "ms_max")})))
+    t = time_decode_loop(c4, state, tok, holder, next_pos, sync, args.repeats)
+    log.add(dict(part="speed", what="decode_loop", **tag, **t, compile_s=sec))
   del holder, caches
   c3, sec = progs[("e2e", method)]
 

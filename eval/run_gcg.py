@@ -271,12 +271,6 @@ def main(argv=None):
     tokenizer = load_tokenizer(args.checkpoint)
     model = load_glamm(args.checkpoint, mesh=mesh)
     images, annotations = args.images, args.annotations
-  else:
-    from eval import embedded_default
-    images, annotations, model, tokenizer = embedded_default.prepare(args)
-  if not args.checkpoint:
-    options = embedded_default.options(args, model, tokenizer)
-  else:
     options = gcg.GCGOptions(
         prune=gcg.PruneConfig(method=args.prune, keep_ratio=args.keep_ratio,
                               altp=altp_jax.ALTPConfig(density=args.density),
@@ -286,6 +280,10 @@ def main(argv=None):
                                   pad_id=tokenizer.pad_id or 0),
         seg_id=seg_token_id(tokenizer), max_segs=args.max_segs,
         grid=(model.config.vision.grid,) * 2)
+  else:
+    from eval import embedded_default
+    images, annotations, model, tokenizer = embedded_default.prepare(args)
+    options = embedded_default.options(args, model, tokenizer)
   if args.fuse_projections and fuse.should_fuse(mesh):
     fuse.fuse_projections(model.llm)   # in place: this model is loaded for this run only
   record = run(model, tokenizer, images, args.out, options, args.batch_size, args.limit,

@@ -169,8 +169,7 @@ class SyntheticTrainConfig:
                 depth=self.sam_depth, num_heads=self.sam_heads, out_chans=self.seg_dim,
                 window_size=self.sam_window, global_attn_indexes=tuple(self.sam_global_attn),
                 # Training differentiates SAM's attention: keep the explicit einsum path, whose
-                # backward is the one the recorded runs used (the fused paths are for inference;
-                # XLA:CPU once crashed compiling the bias path's gradient in a long test process).
+                # backward is the one the recorded runs used (the fused paths are for inference).
                 attention_impl="einsum"),
             prompt_encoder=SamPromptEncoderConfig(
                 embed_dim=self.seg_dim, image_embedding_size=(grid, grid),

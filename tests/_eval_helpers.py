@@ -46,6 +46,31 @@ def train_sp_model(path_prefix: str) -> str:
   return path_prefix + ".model"
 
 
+def train_internlm2_sp_model(path_prefix: str, add_dummy_prefix: bool = True) -> str:
+  """InternLM2's tokenizer shape at 500 pieces: a 498-piece BPE model (LLaMA's settings, trained
+  on the GCG questions and the corpus) plus the two user-defined placeholder pieces 498/499 that
+  the tokenizer config renames to <|im_end|>/<|im_start|>. Returns the .model path."""
+  from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+  from eval.omg_llava_inputs import GCG_QUESTIONS
+  with open(path_prefix + ".txt", "w") as f:
+    f.write("\n".join(list(GCG_QUESTIONS) * 3 + _corpus() + ["user assistant"]))
+  spm.SentencePieceTrainer.train(
+      input=path_prefix + ".txt", model_prefix=path_prefix, vocab_size=SP_VOCAB - 2,
+      model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+      add_dummy_prefix=add_dummy_prefix, remove_extra_whitespaces=False,
+      normalization_rule_name="identity", split_digits=True, character_coverage=1.0,
+      allow_whitespace_only_pieces=True, minloglevel=2)
+  proto = sp_pb2.ModelProto()
+  with open(path_prefix + ".model", "rb") as f:
+    proto.ParseFromString(f.read())
+  for name in ("[UNUSED_TOKEN_145]", "[UNUSED_TOKEN_146]"):
+    piece = proto.pieces.add()
+    piece.piece, piece.score, piece.type = name, 0.0, sp_pb2.ModelProto.SentencePiece.USER_DEFINED
+  with open(path_prefix + ".model", "wb") as f:
+    f.write(proto.SerializeToString())
+  return path_prefix + ".model"
+
+
 def import_transformers():
   """`transformers` imported around conftest's torchvision stand-in (see `tests/hf_reference`)."""
   from tests.hf_reference import import_transformers as _import

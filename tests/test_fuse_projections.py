@@ -1,6 +1,5 @@
 """models/llama/fuse.py: fused q/k/v and gate/up projections give the unfused model's outputs."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -26,7 +26,7 @@ from flax import nnx
 from PIL import Image
 
 import altp_jax
-from eval import gcg, omg_gcg, run_gcg
+from eval import omg_gcg, run_gcg
 from eval.omg_llava_inputs import GCG_QUESTIONS, seg_positions
 from eval.omg_llava_tokenizer import load_omg_llava_tokenizer
 from models import generate as gen
@@ -89,27 +89,12 @@ def tokenizer_dir(root) -> str:
   """internlm2-chat-7b's tokenizer files with a 500-piece SentencePiece model: pieces 498/499
   are the placeholders the config renames to <|im_end|>/<|im_start|>; OMG's five tokens are
   added at load time (ids 500..504), as tests/test_omg_llava_inputs.py builds it."""
-  import sentencepiece as spm
-  from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-  from tests._eval_helpers import _corpus
-  prefix = os.path.join(root, "sp")
-  with open(prefix + ".txt", "w") as f:
-    f.write("\n".join(list(GCG_QUESTIONS) * 3 + _corpus() + ["user assistant"]))
-  spm.SentencePieceTrainer.train(
-      input=prefix + ".txt", model_prefix=prefix, vocab_size=498, model_type="bpe",
-      byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True,
-      remove_extra_whitespaces=False, normalization_rule_name="identity", split_digits=True,
-      character_coverage=1.0, allow_whitespace_only_pieces=True, minloglevel=2)
-  proto = sp_pb2.ModelProto()
-  with open(prefix + ".model", "rb") as f:
-    proto.ParseFromString(f.read())
-  for name in ("[UNUSED_TOKEN_145]", "[UNUSED_TOKEN_146]"):
-    piece = proto.pieces.add()
-    piece.piece, piece.score, piece.type = name, 0.0, sp_pb2.ModelProto.SentencePiece.USER_DEFINED
+  import shutil
+  from tests._eval_helpers import train_internlm2_sp_model
+  model_path = train_internlm2_sp_model(os.path.join(root, "sp"))
   out = os.path.join(root, "tok")
   os.makedirs(out)
-  with open(os.path.join(out, "tokenizer.model"), "wb") as f:
-    f.write(proto.SerializeToString())
+  shutil.copyfile(model_path, os.path.join(out, "tokenizer.model"))
   entry = lambda c: {"content": c, "lstrip": False, "normalized": False, "rstrip": False,
                      "single_word": False, "special": True}
   config = {"added_tokens_decoder": {"0": entry("<unk>"), "1": entry("<s>"), "2": entry("</s>"),

@@ -16,9 +16,8 @@ import skimage.data
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from _eval_helpers import _corpus, import_transformers
+from _eval_helpers import import_transformers, train_internlm2_sp_model
 from eval.omg_llava_image import (IMAGE_MEAN, IMAGE_STD, PAD_COLOR, expand2square, load_image,
                                   masks_to_image, preprocess, resize_mask_logits, to_rgb)
 from eval.omg_llava_inputs import (GCG_QUESTIONS, NUM_PIXEL_TOKENS, build_prompt, choose_answer,
@@ -38,23 +37,7 @@ SEG, BOP, EOP, REGION, MARK = range(V, V + 5)
 
 
 def _train(prefix: str, add_dummy_prefix: bool = True) -> str:
-  with open(prefix + ".txt", "w") as f:
-    f.write("\n".join(list(GCG_QUESTIONS) * 3 + _corpus() + ["user assistant"]))
-  spm.SentencePieceTrainer.train(
-      input=prefix + ".txt", model_prefix=prefix, vocab_size=V - 2, model_type="bpe",
-      byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-      add_dummy_prefix=add_dummy_prefix, remove_extra_whitespaces=False,
-      normalization_rule_name="identity", split_digits=True, character_coverage=1.0,
-      allow_whitespace_only_pieces=True, minloglevel=2)
-  proto = sp_pb2.ModelProto()
-  with open(prefix + ".model", "rb") as f:
-    proto.ParseFromString(f.read())
-  for name in ("[UNUSED_TOKEN_145]", "[UNUSED_TOKEN_146]"):
-    piece = proto.pieces.add()
-    piece.piece, piece.score, piece.type = name, 0.0, sp_pb2.ModelProto.SentencePiece.USER_DEFINED
-  with open(prefix + ".model", "wb") as f:
-    f.write(proto.SerializeToString())
-  return prefix + ".model"
+  return train_internlm2_sp_model(prefix, add_dummy_prefix)
 
 
 def _entry(content):
