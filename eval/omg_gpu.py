@@ -142,7 +142,7 @@ def random_state(config, seed: int = 0):
   pool = max(sizes) + 65536
 
   def kind(path, leaf):
-    name = str(path[-1]) if path else ""
+    name = str(path[-2]) if len(path) > 1 else ""   # path[-1] is the Variable's `.value`
     if not jnp.issubdtype(leaf.dtype, jnp.floating):
       return "zeros"
     if "class_embed" in str(path[0]):
