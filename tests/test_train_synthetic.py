@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 
 import jax
 import numpy as np
@@ -146,6 +147,27 @@ def test_worker_processes_give_the_same_batches(data_root):
     assert batch.keys() == ref.keys()
     for k in ref:
       np.testing.assert_array_equal(batch[k], ref[k])
+
+
+def _shared_segments() -> set[str]:
+  return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def test_worker_pipeline_releases_its_shared_memory(data_root):
+  """Stopping early (the consumer breaks) still closes the pool and unlinks both batch slots."""
+  tok = load_tokenizer(os.path.join(data_root, "tokenizer"))
+  data = SyntheticGCGData(data_root, "train", tok, clip_size=56, sam_size=96,
+                          num_visual_tokens=16)
+  before = _shared_segments()
+  batches = prefetch_batches(data, 2, 0, 50, seed=1, workers=2,
+                             tokenizer_dir=os.path.join(data_root, "tokenizer"))
+  step, batch = next(batches)
+  assert step == 0 and batch["masks"].flags.owndata
+  batches.close()
+  deadline = time.time() + 30
+  while _shared_segments() - before and time.time() < deadline:
+    time.sleep(0.1)
+  assert not _shared_segments() - before
 
 
 def _train_rows(workdir):
