@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.activations import gelu_exact
 from models.sharding import with_names
 
 _kernel_init = nnx.initializers.lecun_normal()
@@ -58,7 +59,7 @@ class MMProjector(nnx.Module):
     self.linear_2 = _dense(cfg, cfg.llm_hidden_size, cfg.llm_hidden_size, ("mlp", "embed"), rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.linear_2(jax.nn.gelu(self.linear_1(x), approximate=False))
+    return self.linear_2(gelu_exact(self.linear_1(x)))
 
 
 class TextHiddenFcs(nnx.Module):

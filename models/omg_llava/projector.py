@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.activations import gelu_exact
 from models.param_tables import Table, identity, linear_weight
 from models.sharding import param, with_names
 
@@ -62,8 +63,7 @@ def _dense(cfg, d_in, d_out, names, rngs):
                     bias_init=with_names(_zeros, names[1]), rngs=rngs)
 
 
-def _gelu(x):
-  return jax.nn.gelu(x, approximate=False)  # ACT2FN['gelu'] is the exact (erf) GELU
+_gelu = gelu_exact   # ACT2FN['gelu'] is the exact (erf) GELU
 
 
 def valid_queries(attention_mask: jax.Array) -> jax.Array:

@@ -233,11 +233,14 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, dim] -> [B, H, W, dim]."""
-    b, h, w, _ = x.shape
-    qkv = self.qkv(x)                                      # [B, H, W, 3, N, D]
+    return self.proj(self.attend(self.qkv(x)))
+
+  def attend(self, qkv: jax.Array) -> jax.Array:
+    """The attention between the two projections: qkv [B, H, W, 3, N, D] -> [B, H, W, N, D]."""
+    b, h, w = qkv.shape[:3]
     impl = resolve_attention_impl(self.impl, qkv.dtype, self.head_dim, (h, w), self.use_rel_pos)
     if impl == "einsum":
-      return self.proj(self._einsum_attention(qkv))
+      return self._einsum_attention(qkv)
     # [B, T, 3, N, D] is a free reshape; q/k/v are strided slices in the [B, T, N, D] layout that
     # dot_product_attention takes, so no head transposes are needed on the way in or out.
     qkv = qkv.reshape(b, h * w, 3, self.num_heads, self.head_dim)
@@ -260,7 +263,7 @@ class Attention(nnx.Module):
         bias = bias.astype(q.dtype)
       out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=self.scale,
                                          implementation=backend)
-    return self.proj(out.reshape(b, h, w, self.num_heads, self.head_dim))
+    return out.reshape(b, h, w, self.num_heads, self.head_dim)
 
   def _einsum_attention(self, qkv: jax.Array) -> jax.Array:
     """The original path: qkv [B, H, W, 3, N, D] -> attention output [B, H, W, N, D]."""
@@ -299,15 +302,27 @@ class Block(nnx.Module):
     """x: [B, H, W, dim], any H and W."""
     shortcut = x
     x = self.norm1(x)
-    if self.window_size > 0:
-      h, w = x.shape[1], x.shape[2]
-      x, pad_hw = window_partition(x, self.window_size)
-      x = self.attn(x)
-      x = window_unpartition(x, self.window_size, pad_hw, (h, w))
-    else:
-      x = self.attn(x)
+    x = self._windowed_attention(x) if self.window_size > 0 else self.attn(x)
     x = shortcut + x
     return x + self.mlp(self.norm2(x))
+
+  def _windowed_attention(self, x: jax.Array) -> jax.Array:
+    """The reference's attention inside zero-padded windows, with the two per-token projections
+    applied to the H x W tokens only: a zero padding token's qkv is exactly the qkv bias and its
+    output is cropped away, so padding the bias-free product and adding the bias afterwards, and
+    projecting after the crop, is the same arithmetic on H*W instead of Hp*Wp tokens (4096
+    instead of 4900 for ViT-H's 64x64 map in 14x14 windows). x: [B, H, W, dim] -> same."""
+    b, h, w, _ = x.shape
+    attn = self.attn
+    qkv = jnp.tensordot(x, attn.qkv.kernel[...], axes=1)           # [B, H, W, 3, N, D]
+    head_shape = qkv.shape[3:]
+    windows, pad_hw = window_partition(qkv.reshape(b, h, w, -1), self.window_size)
+    windows = windows.reshape(windows.shape[:3] + head_shape)
+    if attn.qkv.bias is not None:
+      windows = windows + attn.qkv.bias[...]
+    out = attn.attend(windows)                                      # [B * nW, ws, ws, N, D]
+    out = window_unpartition(out.reshape(out.shape[:3] + (-1,)), self.window_size, pad_hw, (h, w))
+    return attn.proj(out.reshape(b, h, w, *head_shape[1:]))
 
 
 class ImageEncoder(nnx.Module):

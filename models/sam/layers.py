@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from models import sharding
+from models.activations import gelu_exact
 
 
 # Random weights are only placeholders until a checkpoint is loaded; a plain normal traces small.
@@ -22,9 +23,7 @@ class Buffer(nnx.Variable):
   """A non-trainable array that is read from the checkpoint (a PyTorch `register_buffer`)."""
 
 
-def gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU, PyTorch's `nn.GELU()` default."""
-  return jax.nn.gelu(x, approximate=False)
+gelu = gelu_exact   # PyTorch's `nn.GELU()` default (exact, erf)
 
 
 class Linear(nnx.Module):
