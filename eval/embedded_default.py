@@ -10,9 +10,10 @@ documented in eval/synthetic_eval.py) unless --bert is given.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
-from eval import synthetic_eval
+from eval import gcg, synthetic_eval
 
 SAMPLE_SEED = 0
 SAMPLE_COUNT = 16
@@ -39,7 +40,8 @@ def prepare(args):
 
 def options(args, model, tokenizer):
   """GCG options for the 4-layer synthetic model (FastV K=1, PyramidDrop at layers 1-3)."""
-  altp = (("density", args.density),) if args.density != "dispersion" else ()
+  altp = synthetic_eval.altp_overrides(
+      dataclasses.replace(gcg.ALTP_DEFAULTS, density=args.density, coverage=args.coverage))
   if args.positions != "original":
     altp += (("positions", args.positions),)
   cfg = synthetic_eval.EvalConfig(args.prune, args.keep_ratio, altp)

@@ -20,6 +20,7 @@ of hosts continues where the last one stopped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -27,6 +28,7 @@ import time
 import jax
 import numpy as np
 
+from altp_jax.altp import DENSITIES
 from eval import gcg
 from models import generate as gen
 
@@ -214,7 +216,10 @@ def parse_args(argv=None):
                  help="fraction of the visual tokens kept (0.1 = 90%% reduction)")
   p.add_argument("--superpixels", default="host", choices=("host", "device"),
                  help="ALTP superpixels: scikit-image on the host or the jitted JAX SLIC")
-  p.add_argument("--density", default="dispersion", help="ALTP density option")
+  p.add_argument("--density", default=gcg.ALTP_DEFAULTS.density, choices=DENSITIES,
+                 help="ALTP information density (DDF)")
+  p.add_argument("--coverage", type=float, default=gcg.ALTP_DEFAULTS.coverage,
+                 help="ALTP: share of the token budget given to superpixel coverage (DDC)")
   p.add_argument("--positions", default="original", choices=("original", "compact"))
   p.add_argument("--fastv-layer", type=int, default=2)
   p.add_argument("--batch-size", type=int, default=1,
@@ -250,7 +255,6 @@ def summary_table(metrics: dict, record: dict) -> str:
 
 def main(argv=None):
   import sys
-  import altp_jax
   from eval.tokenizer import load_tokenizer, seg_token_id
 
   argv = sys.argv[1:] if argv is None else list(argv)
@@ -273,7 +277,8 @@ def main(argv=None):
     images, annotations = args.images, args.annotations
     options = gcg.GCGOptions(
         prune=gcg.PruneConfig(method=args.prune, keep_ratio=args.keep_ratio,
-                              altp=altp_jax.ALTPConfig(density=args.density),
+                              altp=dataclasses.replace(gcg.ALTP_DEFAULTS, density=args.density,
+                                                       coverage=args.coverage),
                               superpixels=args.superpixels, positions=args.positions,
                               fastv_layer=args.fastv_layer),
         sampler=gen.SamplerConfig(max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id,

@@ -119,9 +119,21 @@ class EvalConfig:
     return "_".join(parts).replace("/", "-")
 
 
+def altp_overrides(config) -> tuple[tuple[str, object], ...]:
+  """The fields of an `ALTPConfig` that differ from the field defaults, in field order."""
+  import altp_jax
+  base = altp_jax.ALTPConfig()
+  return tuple((f.name, getattr(config, f.name)) for f in dataclasses.fields(config)
+               if getattr(config, f.name) != getattr(base, f.name))
+
+
 def comparison_configs() -> list[EvalConfig]:
-  return [EvalConfig()] + [EvalConfig(m, r) for r in COMPARISON_RATIOS
-                           for m in COMPARISON_METHODS]
+  """No pruning, then every method at every ratio; ALTP with the GCG pipeline's options
+  (`eval.gcg.ALTP_DEFAULTS`, chosen by the val ablation), named by what they change."""
+  from eval import gcg
+  altp = altp_overrides(gcg.ALTP_DEFAULTS)
+  return [EvalConfig()] + [EvalConfig(m, r, altp if m == "altp" else ())
+                           for r in COMPARISON_RATIOS for m in COMPARISON_METHODS]
 
 
 ABLATION_GRID = {
@@ -134,7 +146,8 @@ ABLATION_GRID = {
 
 
 def ablation_configs(keep_ratio: float = 0.1) -> list[EvalConfig]:
-  """One-factor-at-a-time ALTP variants around the current defaults, at one keep ratio."""
+  """One-factor-at-a-time ALTP variants around `ALTPConfig`'s field defaults (the starting point
+  of the recorded ablation), at one keep ratio."""
   out = [EvalConfig("altp", keep_ratio)]
   import altp_jax
   base = altp_jax.ALTPConfig()
@@ -143,6 +156,17 @@ def ablation_configs(keep_ratio: float = 0.1) -> list[EvalConfig]:
       if getattr(base, field) != v:
         out.append(EvalConfig("altp", keep_ratio, ((field, v),)))
   return out
+
+
+# The variants that led the one-factor ablation on val seed 0 (80 scenes at 90% reduction, issue 9
+# run of 2026-11-22), with the defaults and the two leaders combined: re-run on more val seeds
+# before a default changes.
+CONFIRM_VARIANTS = ((), (("density", "pixel_detail"),), (("coverage", 0.25),),
+                    (("min_tokens", 0),), (("coverage", 0.25), ("density", "pixel_detail")))
+
+
+def confirmation_configs(keep_ratio: float = 0.1) -> list[EvalConfig]:
+  return [EvalConfig("altp", keep_ratio, v) for v in CONFIRM_VARIANTS]
 
 
 def gcg_options(cfg: EvalConfig, model, tokenizer, max_new_tokens: int,
@@ -270,7 +294,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   pp.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
   pp.add_argument("--data", required=True, help="folder for the generated evaluation splits")
   pp.add_argument("--out", required=True)
-  pp.add_argument("--set", choices=("comparison", "ablation", "none"), default="comparison")
+  pp.add_argument("--set", choices=("comparison", "ablation", "confirm", "none"),
+                  default="comparison")
   pp.add_argument("--split", default="test", choices=("val", "test"))
   pp.add_argument("--seeds", default="0,1,2")
   pp.add_argument("--count", type=int, default=200)
@@ -285,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   a = p.parse_args(argv)
   if a.cmd == "predict":
     configs = {"comparison": comparison_configs(), "ablation": ablation_configs(),
-               "none": [EvalConfig()]}[a.set]
+               "confirm": confirmation_configs(), "none": [EvalConfig()]}[a.set]
     predict(a.checkpoint, a.data, a.out, configs, [int(s) for s in a.seeds.split(",")], a.split,
             a.count, a.batch_size, a.max_new_tokens, a.dtype, a.workers)
   else:

@@ -237,12 +237,16 @@ def test_altp_inside_the_model_equals_altp_jax(tokenizer):
   opts = _options(tokenizer, "altp", 0.5, max_new=2)
   n, k, g = 16, opts.prune.kept(16), opts.prune.num_segments(16)
   labels = np.random.default_rng(4).integers(0, g, (2, n)).astype(np.int32)
-  out = gcg.GCGRunner(model, opts).run_batch(labels=labels, **{
-      k_: v for k_, v in inp.items() if k_ != "images01"})
+  assert opts.prune.altp.density == "pixel_detail"   # the pipeline default measures the images
+  out = gcg.GCGRunner(model, opts).run_batch(labels=labels, **inp)
   visual, cls = model.encode_image(jnp.asarray(inp["clip_pixels"]))
+  detail = altp_jax.superpixels.patch_detail_device(jnp.asarray(inp["images01"]), (4, 4))
   want = altp_jax.altp_select(cls, labels, k, config=opts.prune.altp,
-                              features=visual.astype(jnp.float32), num_segments=g)
+                              features=visual.astype(jnp.float32), detail=detail, num_segments=g)
   np.testing.assert_array_equal(out["keep_visual"], want)
+  with pytest.raises(ValueError, match="pixel_detail.*images01"):
+    gcg.GCGRunner(model, opts).run_batch(labels=labels, **{
+        k_: v for k_, v in inp.items() if k_ != "images01"})
 
 
 def test_batch_sharded_over_devices_equals_one_device(tokenizer, image_dir, tmp_path):
