@@ -27,7 +27,7 @@ from eval import bench_common as common
 from eval import bench_flops as flops
 from eval.bench_llm_decode import _copy_bandwidth, _nbytes
 from models.flat_state import flatten_state
-from models.llama.fuse import fuse_projections
+from models.llama.fuse import fuse_split
 
 
 def _sync(x):
@@ -182,10 +182,7 @@ class Bench:
     else:
       graphdef, state = build_model(config)
       if getattr(args, "fuse_projections", True):   # as `python -m eval.gcg` runs the model
-        model = nnx.merge(graphdef, state)
-        fuse_projections(model.llm)
-        graphdef, state = nnx.split(model)
-        del model
+        graphdef, state = fuse_split(graphdef, state)
     _sync(state)
     self.init_s = time.perf_counter() - t0
     self.model_bytes = _nbytes(state)

@@ -10,10 +10,9 @@ documented in eval/synthetic_eval.py) unless --bert is given.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
-from eval import gcg, synthetic_eval
+from eval import synthetic_eval
 
 SAMPLE_SEED = 0
 SAMPLE_COUNT = 16
@@ -38,10 +37,10 @@ def prepare(args):
   return scenes.image_dir(root, SPLIT), annotations, model, tokenizer
 
 
-def options(args, model, tokenizer):
-  """GCG options for the 4-layer synthetic model (FastV K=1, PyramidDrop at layers 1-3)."""
-  altp = synthetic_eval.altp_overrides(
-      dataclasses.replace(gcg.ALTP_DEFAULTS, density=args.density, coverage=args.coverage))
+def options(args, model, tokenizer, altp_config):
+  """GCG options for the 4-layer synthetic model (FastV K=1, PyramidDrop at layers 1-3), with
+  the command line's ALTP options `altp_config`."""
+  altp = synthetic_eval.altp_overrides(altp_config)
   if args.positions != "original":
     altp += (("positions", args.positions),)
   cfg = synthetic_eval.EvalConfig(args.prune, args.keep_ratio, altp)

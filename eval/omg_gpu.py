@@ -340,9 +340,8 @@ def speed(args, log, start: float) -> None:
   from eval import omg_gcg
   from eval.bench_jax import llm_decode_loop_fn
   from models import generate as gen
-  from flax import nnx
   from models.flat_state import flatten_state
-  from models.llama.fuse import fuse_projections
+  from models.llama.fuse import fuse_split
 
   def sync(x):
     return jax.block_until_ready(x)
@@ -353,10 +352,7 @@ def speed(args, log, start: float) -> None:
   sync(state)
   nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
   if args.fuse_projections:   # as `python -m eval.gcg --model omg_llava` runs the LLM
-    model = nnx.merge(graphdef, state)
-    fuse_projections(model.llm)
-    graphdef, state = nnx.split(model)
-    del model
+    graphdef, state = fuse_split(graphdef, state)
   fdef, state = flatten_state(graphdef, state)   # a flat list: cheap per call (models.flat_state)
   dev = jax.devices()[0]
   log.set("speed_setup", dict(init_s=time.perf_counter() - t0, model_gb=nbytes / 1e9,

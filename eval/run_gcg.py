@@ -270,15 +270,14 @@ def main(argv=None):
   multihost.initialize()
   mesh_spec = args.mesh or ("data=-1" if jax.device_count() > 1 else None)
   mesh = mesh_lib.make_mesh(mesh_spec) if mesh_spec else None
+  altp = dataclasses.replace(gcg.ALTP_DEFAULTS, density=args.density, coverage=args.coverage)
   if args.checkpoint:
     from convert import load_glamm
     tokenizer = load_tokenizer(args.checkpoint)
     model = load_glamm(args.checkpoint, mesh=mesh)
     images, annotations = args.images, args.annotations
     options = gcg.GCGOptions(
-        prune=gcg.PruneConfig(method=args.prune, keep_ratio=args.keep_ratio,
-                              altp=dataclasses.replace(gcg.ALTP_DEFAULTS, density=args.density,
-                                                       coverage=args.coverage),
+        prune=gcg.PruneConfig(method=args.prune, keep_ratio=args.keep_ratio, altp=altp,
                               superpixels=args.superpixels, positions=args.positions,
                               fastv_layer=args.fastv_layer),
         sampler=gen.SamplerConfig(max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id,
@@ -288,7 +287,7 @@ def main(argv=None):
   else:
     from eval import embedded_default
     images, annotations, model, tokenizer = embedded_default.prepare(args)
-    options = embedded_default.options(args, model, tokenizer)
+    options = embedded_default.options(args, model, tokenizer, altp)
   if args.fuse_projections and fuse.should_fuse(mesh):
     fuse.fuse_projections(model.llm)   # in place: this model is loaded for this run only
   record = run(model, tokenizer, images, args.out, options, args.batch_size, args.limit,

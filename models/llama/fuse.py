@@ -58,6 +58,14 @@ def fuse_projections(llm) -> None:
       mlp.gate_proj = mlp.up_proj = None
 
 
+def fuse_split(graphdef, state):
+  """`fuse_projections` on the `.llm` of the model (graphdef, state) describe; returns the fused
+  model's (graphdef, state). For callers that hold a split model (benchmarks)."""
+  model = nnx.merge(graphdef, state)
+  fuse_projections(model.llm)
+  return nnx.split(model)
+
+
 def should_fuse(mesh) -> bool:
   """True unless `mesh` splits the model over `tensor` (fused kernels are not head-aligned)."""
   return mesh is None or dict(mesh.shape).get("tensor", 1) == 1

@@ -63,9 +63,6 @@ def _dense(cfg, d_in, d_out, names, rngs):
                     bias_init=with_names(_zeros, names[1]), rngs=rngs)
 
 
-_gelu = gelu_exact   # ACT2FN['gelu'] is the exact (erf) GELU
-
-
 def valid_queries(attention_mask: jax.Array) -> jax.Array:
   """Naive_Proj's validity rule: attention_mask [B,Q,HW] (True/1 = masked) -> [B,Q] bool, True
   where the query's mask is not all set (`mask.sum(-1) < HW`)."""
@@ -90,11 +87,11 @@ class OMGProjector(nnx.Module):
 
   def pixel_tokens(self, pixel_feats: jax.Array) -> jax.Array:
     """`model_feat`: [..., Dp] -> [..., D]."""
-    return self.pixel_fc2(_gelu(self.pixel_fc1(pixel_feats)))
+    return self.pixel_fc2(gelu_exact(self.pixel_fc1(pixel_feats)))
 
   def object_tokens(self, query_feats: jax.Array) -> jax.Array:
     """`query_proj` then `model`: [..., Dq] -> [..., D] (every query, valid or not)."""
-    return self.query_fc2(_gelu(self.query_fc1(self.query_proj(query_feats))))
+    return self.query_fc2(gelu_exact(self.query_fc1(self.query_proj(query_feats))))
 
   def separator(self) -> jax.Array:
     """The separator embedding [D] in the compute dtype."""
@@ -147,7 +144,7 @@ class TextToVision(nnx.Module):
                       rngs)
 
   def __call__(self, hidden: jax.Array) -> jax.Array:
-    return self.fc2(_gelu(self.fc1(hidden)))
+    return self.fc2(gelu_exact(self.fc1(hidden)))
 
 
 def _linear_rows(src: str, dst: str) -> tuple:

@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from models import sharding
+from models.activations import gelu_exact
 from models.omg_seg.config import ConvNeXtConfig
-from models.omg_seg.vision_layers import Conv, LayerNorm, Linear, gelu
+from models.omg_seg.vision_layers import Conv, LayerNorm, Linear
 
 
 class Stem(nnx.Module):
@@ -58,7 +59,7 @@ class Block(nnx.Module):
     self.dtype = cfg.dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = self.fc2(gelu(self.fc1(self.norm(self.conv_dw(x)))))
+    y = self.fc2(gelu_exact(self.fc1(self.norm(self.conv_dw(x)))))
     return x.astype(self.dtype) + y * self.gamma[...].astype(self.dtype)
 
 

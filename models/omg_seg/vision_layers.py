@@ -14,14 +14,10 @@ import jax
 import jax.numpy as jnp
 
 from models import sharding
-from models.activations import gelu_exact
 from models.sam.layers import layer_norm_f32
 
 # Random weights are placeholders until a checkpoint is loaded.
 _FAN_IN = nnx.initializers.variance_scaling(1.0, "fan_in", "normal")
-
-
-gelu = gelu_exact   # PyTorch `nn.GELU()`; JAX's default is the tanh approximation
 
 
 class Linear(nnx.Module):

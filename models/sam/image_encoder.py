@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import sharding
+from models.activations import gelu_exact
 from models.sam import layers
 from models.sam.config import SAM_ATTENTION_IMPLS, SamImageEncoderConfig
 from models.sam.resize import resize_linear
@@ -295,7 +296,7 @@ class Block(nnx.Module):
         rel_size=input_size if window_size == 0 else (window_size, window_size), rngs=rngs,
         impl=config.attention_impl)
     self.norm2 = layers.LayerNorm(dim, eps=config.layer_norm_eps, rngs=rngs)
-    self.mlp = layers.MlpBlock(dim, config.mlp_dim, layers.gelu, embed_name="vis_embed",
+    self.mlp = layers.MlpBlock(dim, config.mlp_dim, gelu_exact, embed_name="vis_embed",
                                mlp_name="vis_mlp", rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -314,7 +315,7 @@ class Block(nnx.Module):
     instead of 4900 for ViT-H's 64x64 map in 14x14 windows). x: [B, H, W, dim] -> same."""
     b, h, w, _ = x.shape
     attn = self.attn
-    qkv = jnp.tensordot(x, attn.qkv.kernel[...], axes=1)           # [B, H, W, 3, N, D]
+    qkv = attn.qkv(x, add_bias=False)                               # [B, H, W, 3, N, D]
     head_shape = qkv.shape[3:]
     windows, pad_hw = window_partition(qkv.reshape(b, h, w, -1), self.window_size)
     windows = windows.reshape(windows.shape[:3] + head_shape)

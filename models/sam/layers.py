@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 
 from models import sharding
-from models.activations import gelu_exact
 
 
 # Random weights are only placeholders until a checkpoint is loaded; a plain normal traces small.
@@ -21,9 +20,6 @@ _CONV_INIT = nnx.initializers.variance_scaling(1.0, "fan_in", "normal")
 
 class Buffer(nnx.Variable):
   """A non-trainable array that is read from the checkpoint (a PyTorch `register_buffer`)."""
-
-
-gelu = gelu_exact   # PyTorch's `nn.GELU()` default (exact, erf)
 
 
 class Linear(nnx.Module):
@@ -60,9 +56,10 @@ class Linear(nnx.Module):
       self.bias = nnx.Param(sharding.with_names(nnx.initializers.zeros, *names[self.n_in:])(
           None, out_shape, param_dtype))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, add_bias: bool = True) -> jax.Array:
+    """x [..., *in_shape] -> [..., *out_shape]; `add_bias=False` leaves the bias to the caller."""
     y = jnp.tensordot(x, self.kernel[...], axes=self.n_in)
-    if self.bias is not None:
+    if add_bias and self.bias is not None:
       y = y + self.bias[...]
     return y
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from models import sharding
+from models.activations import gelu_exact
 from models.sam import layers
 from models.sam.config import SamMaskDecoderConfig
 
@@ -159,8 +160,8 @@ class MaskDecoder(nnx.Module):
     mask_tokens_out = hs[:, 1:1 + self.config.num_mask_tokens, :]
 
     src = src.reshape(b, h, w, c)
-    up = layers.gelu(self.upscale_norm(self.upscale_conv1(src)))
-    up = layers.gelu(self.upscale_conv2(up))                     # [N, 4H, 4W, C/8]
+    up = gelu_exact(self.upscale_norm(self.upscale_conv1(src)))
+    up = gelu_exact(self.upscale_conv2(up))                     # [N, 4H, 4W, C/8]
     hyper_in = jnp.stack([mlp(mask_tokens_out[:, i, :])
                           for i, mlp in enumerate(self.output_hypernetworks_mlps)], axis=1)
     masks = jnp.einsum("nkc,nhwc->nkhw", hyper_in, up)           # [N, num_mask_tokens, 4H, 4W]

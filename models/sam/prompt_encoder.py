@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from models import sharding
+from models.activations import gelu_exact
 from models.sam import layers
 from models.sam.config import SamPromptEncoderConfig
 
@@ -102,8 +103,8 @@ class PromptEncoder(nnx.Module):
 
   def embed_masks(self, masks: jax.Array) -> jax.Array:
     """masks [B, 4H, 4W, 1] (low-res mask logits) -> dense embeddings [B, H, W, C]."""
-    x = layers.gelu(self.mask_norm1(self.mask_conv1(masks)))
-    x = layers.gelu(self.mask_norm2(self.mask_conv2(x)))
+    x = gelu_exact(self.mask_norm1(self.mask_conv1(masks)))
+    x = gelu_exact(self.mask_norm2(self.mask_conv2(x)))
     return self.mask_conv3(x)
 
   def __call__(self, points: tuple[jax.Array, jax.Array] | None = None,
