@@ -143,3 +143,23 @@ def test_gcg_flops_total_is_the_sum_and_pruning_lowers_it():
   pr = common.prune_plan(cfg, "altp", 0.9, 640)[0]
   b = flops.gcg_flops(cfg, pr.bounds, pr.stage_lengths(122), 64, 8)
   assert b["prefill"] < a["prefill"] / 4 and b["clip"] == a["clip"]
+
+
+def test_sam_profile_sums_device_kernels_by_kind():
+  from eval.profile_sam import device_kernel_times, kind_of
+  assert kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma") == "attention"
+  assert kind_of("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_bias_NNT") == "matmul"
+  assert kind_of("gemm_fusion_dot_2") == "matmul"
+  assert kind_of("loop_multiply_fusion_31") == "other"
+  events = [
+      {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+      {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+      {"ph": "X", "pid": 1, "name": "gemm_a", "dur": 5.0, "args": {"hlo_op": "dot.1"}},
+      {"ph": "X", "pid": 1, "name": "gemm_a", "dur": 3.0, "args": {"hlo_op": "dot.1"}},
+      {"ph": "X", "pid": 1, "name": "loop_add_fusion", "dur": 2.0},
+      {"ph": "X", "pid": 2, "name": "python", "dur": 100.0},     # host: not counted
+  ]
+  agg, total = device_kernel_times(events)
+  assert total == 10.0
+  assert agg[("dot.1", "gemm_a")] == [8.0, 2]
+  assert agg[("loop_add_fusion", "loop_add_fusion")] == [2.0, 1]
