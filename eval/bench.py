@@ -46,6 +46,9 @@ import time
 # before the torch half sets JAX_PLATFORMS=cpu (tests/test_sam_parity.py checks they agree).
 SAM_ATTENTION_IMPLS = ("auto", "einsum", "xla_bias", "xla_folded", "cudnn_bias", "cudnn_folded",
                        "cudnn_mixed")
+# models.cudnn.ATTENTION_IMPLS (CLIP and LLM), repeated for the same reason
+# (tests/test_llama_parity.py checks they agree).
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
 def parse_args(argv=None):
@@ -68,6 +71,9 @@ def parse_args(argv=None):
                  help="comma list of SAM encoder attention paths (auto, einsum, xla_bias, "
                       "xla_folded, cudnn_bias, cudnn_folded, cudnn_mixed): the first runs in the "
                       "model and end to end; the sam_encoder component is timed once per path")
+  p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS,
+                 help="CLIP and LLM attention backend (auto: cuDNN flash where it runs, XLA for "
+                      "the LLM's one-token decode steps); SAM's is --sam-attention")
   p.add_argument("--sam-only", action="store_true",
                  help="with --part jax: time only the SAM image encoder (its parameters alone), "
                       "once per --sam-attention path and batch")

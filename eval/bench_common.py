@@ -48,6 +48,13 @@ def with_sam_attention(config, impl: str):
   return dataclasses.replace(config, sam=dataclasses.replace(config.sam, image_encoder=enc))
 
 
+def with_attention(config, impl: str):
+  """`config` with the CLIP tower's and the LLM's attention backend set to `impl` (see
+  `models.cudnn.ATTENTION_IMPLS`)."""
+  return dataclasses.replace(config, llm=dataclasses.replace(config.llm, attention_impl=impl),
+                             vision=dataclasses.replace(config.vision, attention_impl=impl))
+
+
 def layout(config, tiny: bool, new_tokens: int | None = None, segs: int | None = None) -> Layout:
   n = config.num_visual_tokens
   base = Layout(num_visual=n, text=8, offset=3, new_tokens=8, segs=2) if tiny else Layout(n)

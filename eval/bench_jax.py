@@ -360,6 +360,7 @@ def run(args, log: common.JsonLog):
   config = common.bench_config(args.tiny)
   impls = list(getattr(args, "sam_attention", None) or ["auto"])
   config = common.with_sam_attention(config, impls[0])
+  config = common.with_attention(config, getattr(args, "attention", "auto"))
   lay = common.layout(config, args.tiny, args.new_tokens, args.segs)
   dev = jax.devices()[0]
   enc = config.sam.image_encoder
@@ -367,6 +368,7 @@ def run(args, log: common.JsonLog):
                       jax=jax.__version__, layout=lay.__dict__, e2e=args.e2e,
                       fuse_projections=getattr(args, "fuse_projections", True),
                       sam_chunk=args.sam_chunk, sam_attention=impls,
+                      attention=config.llm.attention_impl,
                       sam_attention_paths={i: sam_attention_paths(enc, i) for i in impls}))
   n_mm = 256 if args.tiny else 8192
   rate = matmul_rate(n_mm, args.repeats)

@@ -54,6 +54,32 @@ def device_kernel_times(trace_events: list[dict]) -> tuple[dict, float]:
   return agg, total
 
 
+def profile_calls(call, calls: int, prefix: str = "trace_", keep: int = 60):
+  """Runs `call()` `calls` times under `jax.profiler.trace` and sums the trace's device events:
+  (ms per call by kind, the `keep` largest kernels as dicts {hlo_op, kernel, ms_per_call,
+  count_per_call}, device ms per call). `call` must already be compiled (warm)."""
+  trace_dir = tempfile.mkdtemp(prefix=prefix)
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(calls):
+      y = call()
+    jax.block_until_ready(y)
+  files = glob.glob(os.path.join(trace_dir, "**", "*.json.gz"), recursive=True)
+  if not files:
+    raise FileNotFoundError(f"profile: the profiler wrote no trace JSON under {trace_dir}")
+  with gzip.open(files[0]) as fh:
+    events = json.load(fh)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  agg, total = device_kernel_times(events)
+  kinds: dict = collections.defaultdict(float)
+  for (_, kernel), (us, _) in agg.items():
+    kinds[kind_of(kernel)] += us / calls / 1e3
+  top = sorted(agg.items(), key=lambda kv: -kv[1][0])[:keep]
+  return (dict(kinds),
+          [{"hlo_op": op, "kernel": k, "ms_per_call": us / calls / 1e3,
+            "count_per_call": n / calls} for (op, k), (us, n) in top],
+          total / calls / 1e3)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
   from flax import nnx
   from eval import bench_common as common
@@ -78,28 +104,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     y = f(state, x)
   jax.block_until_ready(y)
   ms = (time.perf_counter() - t0) / 5 * 1e3
-  trace_dir = tempfile.mkdtemp(prefix="sam_trace_")
-  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-    for _ in range(a.calls):
-      y = f(state, x)
-    jax.block_until_ready(y)
-  files = glob.glob(os.path.join(trace_dir, "**", "*.json.gz"), recursive=True)
-  if not files:
-    raise FileNotFoundError(f"profile_sam: the profiler wrote no trace JSON under {trace_dir}")
-  with gzip.open(files[0]) as fh:
-    events = json.load(fh)
-  events = events["traceEvents"] if isinstance(events, dict) else events
-  agg, total = device_kernel_times(events)
-  kinds: dict = collections.defaultdict(float)
-  for (_, kernel), (us, _) in agg.items():
-    kinds[kind_of(kernel)] += us / a.calls / 1e3
-  top = sorted(agg.items(), key=lambda kv: -kv[1][0])[:60]
+  kinds, top, total = profile_calls(lambda: f(state, x), a.calls, "sam_trace_")
   res = {"device": str(jax.devices()[0]), "batch": a.batch, "attention": a.attention,
          "ms_per_call": ms, "ms_per_image": ms / a.batch,
-         "device_ms_per_call": total / a.calls / 1e3,
-         "kinds_ms_per_call": dict(kinds),
-         "top": [{"hlo_op": op, "kernel": k, "ms_per_call": us / a.calls / 1e3,
-                  "count_per_call": n / a.calls} for (op, k), (us, n) in top]}
+         "device_ms_per_call": total, "kinds_ms_per_call": kinds, "top": top}
   with open(os.path.join(a.out, "sam_profile.json"), "w") as fh:
     json.dump(res, fh, indent=1)
   print(json.dumps({k: res[k] for k in ("device", "batch", "ms_per_image", "device_ms_per_call",

@@ -268,3 +268,37 @@ def test_run_layers_rejects_mismatched_inputs(gqa_models):
     model.run_layers(x, pos[:, :4])
   with pytest.raises(ValueError, match=r"layer range \[2, 2\)"):
     model.run_layers(x, pos, 2, 2)
+
+
+def test_attention_backend_choice(monkeypatch):
+  # "auto": cuDNN flash for multi-token calls where it runs, XLA for one-token decode steps and
+  # wherever cuDNN cannot run (this CPU, fp32, head dims it does not take).
+  import dataclasses
+  from eval.bench import ATTENTION_IMPLS as bench_impls   # the CLI's copy of the list
+  from models import cudnn
+  from models.clip.config import CLIPVisionConfig
+  from models.llama.modeling import LlamaAttention
+  assert bench_impls == cudnn.ATTENTION_IMPLS
+  with pytest.raises(ValueError, match="attention_impl 'flash'"):
+    LlamaConfig.tiny(attention_impl="flash")
+
+  def backend(cfg, t, dtype):
+    return LlamaAttention(cfg, rngs=nnx.Rngs(0)).backend(t, dtype)
+  tiny, tiny16 = LlamaConfig.tiny(), LlamaConfig.tiny(head_dim=20)
+  assert backend(tiny, 640, jnp.bfloat16) == "xla"          # no cuDNN on this backend
+  monkeypatch.setattr(cudnn, "flash_head_dim_limit", lambda dtype: 256)
+  assert backend(tiny, 640, jnp.bfloat16) == "cudnn"
+  assert backend(tiny, 1, jnp.bfloat16) == "xla"            # a decode step
+  assert backend(tiny16, 640, jnp.bfloat16) == "xla"        # head dim 20: not a multiple of 8
+  assert backend(LlamaConfig.tiny(attention_impl="xla"), 640, jnp.bfloat16) == "xla"
+  assert backend(LlamaConfig.tiny(attention_impl="cudnn"), 1, jnp.bfloat16) == "cudnn"
+  monkeypatch.undo()
+  assert cudnn.flash_head_dim_limit(jnp.bfloat16) == 0
+  clip = CLIPVisionConfig.tiny()
+  with pytest.raises(ValueError, match="CLIPVisionConfig: attention_impl 'flash'"):
+    dataclasses.replace(clip, attention_impl="flash")
+  # A saved config without the field (written before it existed) loads with "auto".
+  from models import config_io
+  d = config_io.encode(dataclasses.asdict(tiny))
+  del d["attention_impl"]
+  assert LlamaConfig(**config_io.decode_dtypes(d)).attention_impl == "auto"

@@ -26,6 +26,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from segment_anything.modeling import TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from models import cudnn
 from models.sam import Sam, SamConfig, SamImageEncoderConfig, SamPromptEncoderConfig
 from models.sam import image_encoder as j_ie
 from models.sam import params as sam_params
@@ -178,7 +179,7 @@ def test_attention_impl_resolution_and_folded_widths():
   # windows, 80 + 64 + 64 = 208 for global blocks) are what cuDNN gets on a GPU.
   assert j_ie.resolve_attention_impl("auto", jnp.bfloat16, 80, (14, 14), True) == "xla_bias"
   assert j_ie.resolve_attention_impl("cudnn_bias", jnp.float32, 80, (14, 14), True) == "cudnn_bias"
-  assert j_ie.cudnn_flash_head_dim_limit(jnp.float32) == 0
+  assert cudnn.flash_head_dim_limit(jnp.float32) == 0
   assert j_ie.resolve_attention_impl("cudnn_mixed", jnp.bfloat16, 80, (14, 14), True) == (
       "cudnn_folded")
   assert j_ie.resolve_attention_impl("cudnn_mixed", jnp.bfloat16, 80, (64, 64), True) == (

@@ -7,6 +7,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from models.cudnn import check_impl
+
 
 @dataclasses.dataclass(frozen=True)
 class CLIPVisionConfig:
@@ -26,8 +28,12 @@ class CLIPVisionConfig:
   hidden_act: str = "quick_gelu"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  # Runtime choice, not a checkpoint property (`models.cudnn.ATTENTION_IMPLS`): "auto" is cuDNN
+  # flash attention on an NVIDIA GPU in bf16/fp16, XLA elsewhere.
+  attention_impl: str = "auto"
 
   def __post_init__(self):
+    check_impl("CLIPVisionConfig", self.attention_impl)
     if self.image_size % self.patch_size:
       raise ValueError(f"CLIPVisionConfig: image_size {self.image_size} is not a multiple of "
                        f"patch_size {self.patch_size}")

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from models import cudnn
 from models.clip.config import CLIPVisionConfig
 from models.sharding import with_names
 
@@ -102,13 +103,16 @@ class CLIPAttention(nnx.Module):
     self.k_proj = _dense(cfg, d, d, ("vis_embed", None), rngs)
     self.v_proj = _dense(cfg, d, d, ("vis_embed", None), rngs)
     self.out_proj = _dense(cfg, d, d, (None, "vis_embed"), rngs)
+    self.attention_impl = cfg.attention_impl
 
   def __call__(self, x: jax.Array, return_cls_probs: bool = False):
     """x [B,S,D] -> (out [B,S,D], CLS-query probabilities [B,H,S] float32 or None)."""
     b, s, d = x.shape
     split = lambda y: y.reshape(b, s, self.num_heads, self.head_dim)
     q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-    out = jax.nn.dot_product_attention(q, k, v)  # scale 1/sqrt(Dh), softmax in fp32
+    # Scale 1/sqrt(Dh), softmax in fp32 (inside the flash kernel on an NVIDIA GPU).
+    impl = cudnn.attention_backend(self.attention_impl, q.dtype, self.head_dim, s)
+    out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
     cls_probs = None
     if return_cls_probs:
       # Only the CLS row: [B,H,S], never the S x S matrix.

@@ -12,6 +12,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from models.cudnn import check_impl
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -32,8 +34,13 @@ class LlamaConfig:
   max_position_embeddings: int = 4096
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  # Runtime choice, not a checkpoint property: "auto" runs multi-token calls (prefill) through
+  # cuDNN flash attention where it runs (NVIDIA GPU, bf16/fp16) and everything else through XLA;
+  # "xla" / "cudnn" force one backend for every call.
+  attention_impl: str = "auto"
 
   def __post_init__(self):
+    check_impl("LlamaConfig", self.attention_impl)
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"LlamaConfig: num_heads={self.num_heads} is not a multiple of "
                        f"num_kv_heads={self.num_kv_heads}")

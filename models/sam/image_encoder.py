@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import sharding
+from models import cudnn, sharding
 from models.activations import gelu_exact
 from models.sam import layers
 from models.sam.config import SAM_ATTENTION_IMPLS, SamImageEncoderConfig
@@ -163,22 +163,6 @@ def fold_rel_pos(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array, rel
   return q2, k2, v2
 
 
-def cudnn_flash_head_dim_limit(dtype) -> int:
-  """Largest head dim cuDNN flash attention takes here for `dtype`; 0 where it cannot run (not an
-  NVIDIA GPU backend, or not bf16/fp16). Hopper and later take 256, older GPUs 128 (the limits
-  `jax._src.cudnn.fused_attention_stablehlo.check_is_flash_attention` enforces)."""
-  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    return 0
-  if jax.default_backend() != "gpu":
-    return 0
-  cc = getattr(jax.devices()[0], "compute_capability", None)
-  try:
-    major = int(str(cc).split(".")[0])
-  except ValueError:     # e.g. a ROCm "gfx90a": no cuDNN there
-    return 0
-  return 256 if major >= 9 else 128
-
-
 def resolve_attention_impl(impl: str, dtype, head_dim: int, grid: tuple[int, int],
                            use_rel_pos: bool) -> str:
   """The concrete attention path for `impl` (see `SAM_ATTENTION_IMPLS`) on a `grid` token map:
@@ -192,7 +176,7 @@ def resolve_attention_impl(impl: str, dtype, head_dim: int, grid: tuple[int, int
   folded += (-folded) % 8
   if impl == "cudnn_mixed":
     return "cudnn_folded" if 2 * folded <= 3 * head_dim else "cudnn_bias"
-  return "cudnn_folded" if folded <= cudnn_flash_head_dim_limit(dtype) else "xla_bias"
+  return "cudnn_folded" if folded <= cudnn.flash_head_dim_limit(dtype) else "xla_bias"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,161 @@
+"""The LLM's and CLIP's two attention backends side by side on an NVIDIA GPU: cuDNN flash vs XLA.
+
+`models.llama` runs multi-token calls (the prefill) through cuDNN flash attention by default on an
+NVIDIA GPU in bf16 (`LlamaConfig.attention_impl="auto"`) and one-token decode steps through XLA.
+The CLIP tower does the same. This checks and times that choice on the prefill shapes generation
+uses: 640 new tokens written at slot 0 of a 704-slot buffer, masked as
+`models.llama.cache.attention_mask` masks them (causal by slot; right padding; keys dropped by
+pruning), for Vicuna-7B heads (32 x 128) and InternLM2-7B's grouped heads (32 query, 8 key/value
+heads); and on CLIP ViT-L/14-336's unmasked 577 tokens (16 x 64).
+
+1. `jax.nn.dot_product_attention` with implementation "xla" and "cudnn" in bf16, each against an
+   fp32 XLA reference (relative L2 and max abs error over the non-padding queries), and the median
+   time of each at batch `--batch`.
+2. Two bf16 decoder layers of `LlamaForCausalLM` at Vicuna-7B width run as a cached prefill once
+   per backend; hidden states and the cache's keys against the same layers in fp32 (XLA).
+
+Writes OUT/llm_attention.json. GPU only (cuDNN does not run elsewhere):
+
+  python -m eval.llm_attention_gpu --out OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PREFILL, SLOTS = 640, 704
+
+
+def masks(key, batch: int, t: int, s: int):
+  """(mask [B,1,T,S] bool, query_real [B,T] bool): prompt lengths in [T/2, T] (right padding) and
+  ~10% of the slots dropped as pruned, causal by slot as the decoder builds it."""
+  from models.llama.cache import attention_mask, query_slots
+  k1, k2 = jax.random.split(key)
+  lengths = jax.random.randint(k1, (batch,), t // 2, t + 1)
+  slot = jnp.arange(s)[None, :]
+  kept = jax.random.uniform(k2, (batch, s)) > 0.1
+  key_valid = (slot < lengths[:, None]) & kept
+  mask = attention_mask(query_slots(batch, t, 0), key_valid)
+  return mask, key_valid[:, :t]
+
+
+def errors(got, want, rows) -> dict:
+  """Relative L2 and max abs error of got vs want (fp32) over the rows where `rows` [B,T] holds."""
+  g = np.asarray(got, np.float32)[np.asarray(rows)]
+  w = np.asarray(want, np.float32)[np.asarray(rows)]
+  return dict(rel_l2=float(np.linalg.norm(g - w) / np.linalg.norm(w)),
+              max_abs=float(np.abs(g - w).max()))
+
+
+def median_ms(fn, repeats: int) -> float:
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append((time.perf_counter() - t0) * 1e3)
+  return float(np.median(times))
+
+
+# (name, queries, keys, query heads, key/value heads, head dim, masked like a prefill)
+SHAPES = (("vicuna_7b_prefill", PREFILL, SLOTS, 32, 32, 128, True),
+          ("internlm2_7b_prefill", PREFILL, SLOTS, 32, 8, 128, True),
+          ("clip_l14_336", 577, 577, 16, 16, 64, False))
+
+
+def attention_rows(batch: int, repeats: int) -> list[dict]:
+  out = []
+  for name, t, s, hq, hkv, dh, masked in SHAPES:
+    kq, kk, kv, km = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(kq, (batch, t, hq, dh), jnp.float32)
+    k = jax.random.normal(kk, (batch, s, hkv, dh), jnp.float32)
+    v = jax.random.normal(kv, (batch, s, hkv, dh), jnp.float32)
+    mask, rows = masks(km, batch, t, s) if masked else (None, jnp.ones((batch, t), bool))
+    ref = jax.jit(lambda q, k, v, m: jax.nn.dot_product_attention(
+        q, k, v, mask=m, implementation="xla"))(q, k, v, mask)
+    qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    row = dict(shape=name, batch=batch, queries=t, keys=s, q_heads=hq, kv_heads=hkv, head_dim=dh)
+    for impl in ("xla", "cudnn"):
+      f = jax.jit(lambda q, k, v, m, impl=impl: jax.nn.dot_product_attention(
+          q, k, v, mask=m, implementation=impl))
+      got = f(qb, kb, vb, mask)
+      row[impl] = dict(errors(got, ref, rows), ms=median_ms(lambda: f(qb, kb, vb, mask), repeats))
+    row["speedup"] = row["xla"]["ms"] / row["cudnn"]["ms"]
+    out.append(row)
+    print(json.dumps(row), flush=True)
+  return out
+
+
+def layer_rows(batch: int) -> list[dict]:
+  """Two Vicuna-width layers as a cached bf16 prefill per backend, against fp32."""
+  from flax import nnx
+  from models.llama.config import LlamaConfig
+  from models.llama.modeling import LlamaForCausalLM
+
+  cfg32 = LlamaConfig.vicuna_7b(num_layers=2, vocab_size=256)
+  m32 = LlamaForCausalLM(cfg32, rngs=nnx.Rngs(0))
+  graph32, state32 = nnx.split(m32)
+  key = jax.random.key(1)
+  x = 0.5 * jax.random.normal(key, (batch, PREFILL, cfg32.hidden_size), jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(PREFILL, dtype=jnp.int32), (batch, PREFILL))
+  mask, rows = masks(jax.random.key(2), batch, PREFILL, SLOTS)
+  valid = rows   # the slots written by the prefill: right padding and pruned keys invalid
+
+  def run(graph, state, x, impl):
+    m = nnx.merge(graph, state)
+    for layer in m.layers:
+      layer.self_attn.attention_impl = impl
+    cache = m.init_cache(batch, SLOTS)
+    h, cache = m.run_layers(x, pos, cache=cache, cache_write_index=0, key_valid=valid)
+    return h, cache.k[-1][:, :PREFILL]
+
+  want_h, want_k = jax.jit(lambda s, x: run(graph32, s, x, "xla"))(state32, x)
+  cfg16 = LlamaConfig.vicuna_7b(num_layers=2, vocab_size=256, dtype=jnp.bfloat16,
+                                param_dtype=jnp.bfloat16)
+  graph16, _ = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(cfg16, rngs=nnx.Rngs(0))))
+  state16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), state32)
+  out = []
+  for impl in ("xla", "cudnn"):
+    h, k = jax.jit(lambda s, x, impl=impl: run(graph16, s, x, impl))(state16,
+                                                                      x.astype(jnp.bfloat16))
+    row = dict(what="two_vicuna_layers_prefill", batch=batch, impl=impl,
+               hidden=errors(h, want_h, rows), last_layer_keys=errors(k, want_k, rows))
+    out.append(row)
+    print(json.dumps(row), flush=True)
+  return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--out", required=True)
+  p.add_argument("--batch", type=int, default=16, help="attention batch (timed)")
+  p.add_argument("--layer-batch", type=int, default=4)
+  p.add_argument("--repeats", type=int, default=10)
+  args = p.parse_args(argv)
+  if jax.default_backend() != "gpu":
+    raise SystemExit(f"llm_attention_gpu: needs an NVIDIA GPU for cuDNN; this backend is "
+                     f"{jax.default_backend()!r}")
+  os.makedirs(args.out, exist_ok=True)
+  dev = jax.devices()[0]
+  result = dict(device=dev.device_kind, jax=jax.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                attention=attention_rows(args.batch, args.repeats),
+                layers=layer_rows(args.layer_batch))
+  path = os.path.join(args.out, "llm_attention.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(result, f, indent=1)
+  os.replace(path + ".tmp", path)
+  print(f"wrote {path}")
+  return result
+
+
+if __name__ == "__main__":
+  main()
