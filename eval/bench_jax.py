@@ -161,6 +161,15 @@ def _memory(compiled) -> dict:
     return {}
 
 
+def _memory_now() -> dict:
+  """Device memory when a program failed: in use, the allocator's limit and its largest free block
+  (an out-of-memory with in_use + needed < limit points at fragmentation)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  keys = {"bytes_in_use": "in_use_gb", "bytes_limit": "limit_gb",
+          "largest_free_block_bytes": "largest_free_gb"}
+  return {name: stats[k] / 1e9 for k, name in keys.items() if k in stats}
+
+
 def _peak_gb():
   stats = jax.devices()[0].memory_stats() or {}
   return stats.get("peak_bytes_in_use", 0) / 1e9 or None
@@ -505,7 +514,8 @@ def run(args, log: common.JsonLog):
             segs=lay.segs, gflop_per_image=gf["total"] / 1e9,
             **flops.fractions(gf["total"] * b, nbytes, t["ms"] / 1e3, rate, bw), **_memory(c))
       except Exception as e:  # noqa: BLE001 - record the failure (e.g. out of memory) and go on
-        row(what="error", **tag, error=f"{type(e).__name__}: {str(e)[:300]}", oom=common.is_oom(e))
+        row(what="error", **tag, error=f"{type(e).__name__}: {str(e)[:300]}", oom=common.is_oom(e),
+            **_memory_now())
     del progs, x, emb
     print(f"[jax] batch {b} done in {time.perf_counter() - t_batch:.1f} s", flush=True)
 

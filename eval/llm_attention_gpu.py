@@ -65,27 +65,31 @@ def median_ms(fn, repeats: int) -> float:
   return float(np.median(times))
 
 
-# (name, queries, keys, query heads, key/value heads, head dim, masked like a prefill)
-SHAPES = (("vicuna_7b_prefill", PREFILL, SLOTS, 32, 32, 128, True),
-          ("internlm2_7b_prefill", PREFILL, SLOTS, 32, 8, 128, True),
-          ("clip_l14_336", 577, 577, 16, 16, 64, False))
+# (name, queries, keys, query heads, key/value heads, head dim, masked like a prefill, is_causal).
+# "_prefix": what the decoder runs for a prefill written at slot 0 (keys cut to the T new slots,
+# `is_causal` so the flash kernel skips the upper triangle; the mask still drops padding/pruned).
+SHAPES = (("vicuna_7b_prefill", PREFILL, SLOTS, 32, 32, 128, True, False),
+          ("vicuna_7b_prefill_prefix", PREFILL, PREFILL, 32, 32, 128, True, True),
+          ("internlm2_7b_prefill_prefix", PREFILL, PREFILL, 32, 8, 128, True, True),
+          ("clip_l14_336", 577, 577, 16, 16, 64, False, False))
 
 
 def attention_rows(batch: int, repeats: int) -> list[dict]:
   out = []
-  for name, t, s, hq, hkv, dh, masked in SHAPES:
+  for name, t, s, hq, hkv, dh, masked, causal in SHAPES:
     kq, kk, kv, km = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(kq, (batch, t, hq, dh), jnp.float32)
     k = jax.random.normal(kk, (batch, s, hkv, dh), jnp.float32)
     v = jax.random.normal(kv, (batch, s, hkv, dh), jnp.float32)
     mask, rows = masks(km, batch, t, s) if masked else (None, jnp.ones((batch, t), bool))
     ref = jax.jit(lambda q, k, v, m: jax.nn.dot_product_attention(
-        q, k, v, mask=m, implementation="xla"))(q, k, v, mask)
+        q, k, v, mask=m, is_causal=causal, implementation="xla"))(q, k, v, mask)
     qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
-    row = dict(shape=name, batch=batch, queries=t, keys=s, q_heads=hq, kv_heads=hkv, head_dim=dh)
+    row = dict(shape=name, batch=batch, queries=t, keys=s, q_heads=hq, kv_heads=hkv, head_dim=dh,
+               is_causal=causal)
     for impl in ("xla", "cudnn"):
       f = jax.jit(lambda q, k, v, m, impl=impl: jax.nn.dot_product_attention(
-          q, k, v, mask=m, implementation=impl))
+          q, k, v, mask=m, is_causal=causal, implementation=impl))
       got = f(qb, kb, vb, mask)
       row[impl] = dict(errors(got, ref, rows), ms=median_ms(lambda: f(qb, kb, vb, mask), repeats))
     row["speedup"] = row["xla"]["ms"] / row["cudnn"]["ms"]

@@ -51,3 +51,20 @@ def attention_backend(impl: str, dtype, head_dim: int, num_queries: int) -> str:
   if impl != "auto":
     return impl
   return "cudnn" if num_queries > 1 and flash_runs(dtype, head_dim) else "xla"
+
+
+def flash_attention_narrow_values(q: jax.Array, k: jax.Array, v: jax.Array, scale: float):
+  """cuDNN flash attention of q, k [B, T, N, Dqk] and v [B, S, N, Dv] with Dv != Dqk, or None
+  where this JAX and cuDNN cannot run it (checked while tracing).
+
+  `jax.nn.dot_product_attention` asks for one head dim; cuDNN 9.10+ on Hopper takes a value head
+  dim of its own. Folded relative positions (`models.sam.image_encoder.fold_rel_pos`) widen only
+  q and k, so the values keep their 80 channels instead of being zero-padded to 112 / 208: less
+  P.V work, and no padded copy of v and no crop of the output. Calls JAX's cuDNN module directly
+  (not public API), so any failure to build the call falls back to the caller's padded path.
+  """
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+    return fa.dot_product_attention(q, k, v, scale=scale)
+  except (ImportError, AttributeError, TypeError, ValueError, NotImplementedError, RuntimeError):
+    return None

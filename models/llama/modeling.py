@@ -115,9 +115,11 @@ class LlamaAttention(nnx.Module):
     q, k, _ = self._qkv(x)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-  def __call__(self, x, cos, sin, mask, kv=None, write_index=None):
+  def __call__(self, x, cos, sin, mask, kv=None, write_index=None, prefix=False):
     """x [B,T,D] (normalised); mask [B,1,T,S] bool; kv: None or (k, v) buffers [B,S,Hkv,Dh] with
-    write_index [B]. Returns (out [B,T,D], new (k, v) buffers or None, (q, k) of the new tokens)."""
+    write_index [B]; prefix (static): the new tokens sit at slots [0, T) (no cache, or written at
+    the static index 0). Returns (out [B,T,D], new (k, v) buffers or None, (q, k) of the new
+    tokens)."""
     b, t, _ = x.shape
     q, k, v = self._qkv(x)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -127,9 +129,14 @@ class LlamaAttention(nnx.Module):
       keys = write_rows(kv[0], k, write_index)
       values = write_rows(kv[1], v, write_index)
       new_kv = (keys, values)
+    if prefix:
+      # Causal by slot, queries at slots [0, T) see no later slot: only the first T keys matter,
+      # and the mask is lower-triangular, whose upper blocks a flash kernel skips (`is_causal`
+      # ANDs the same triangle into `mask`, so XLA computes the same).
+      keys, values, mask = keys[:, :t], values[:, :t], mask[..., :t]
     # GQA is handled by dot_product_attention (Hq a multiple of Hkv); softmax runs in fp32.
     out = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask,
-                                       implementation=self.backend(t, q.dtype))
+                                       is_causal=prefix, implementation=self.backend(t, q.dtype))
     return self.o_proj(out.reshape(b, t, -1)), new_kv, (q, k)
 
 
@@ -160,8 +167,9 @@ class LlamaDecoderLayer(nnx.Module):
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
 
-  def __call__(self, x, cos, sin, mask, kv=None, write_index=None):
-    a, new_kv, qk = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, write_index)
+  def __call__(self, x, cos, sin, mask, kv=None, write_index=None, prefix=False):
+    a, new_kv, qk = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, write_index,
+                                   prefix)
     x = x + a
     x = x + self.mlp(self.post_attention_layernorm(x))
     return x, new_kv, qk
@@ -267,11 +275,13 @@ class LlamaForCausalLM(nnx.Module):
       valid = write_rows(cache.valid, key_valid, index)
     mask = attention_mask(query_slots(b, t, index), valid)
     cos, sin = self.rope(positions)
+    # Statically known to start at slot 0 (a prefill): attention can be cut to a causal T x T.
+    prefix = cache is None or (isinstance(cache_write_index, int) and cache_write_index == 0)
 
     new_k, new_v, qk = [], [], None
     for i in range(start, end):
       kv = None if cache is None else (cache.k[i - start], cache.v[i - start])
-      x, kv, qk = self.layers[i](x, cos, sin, mask, kv, index)
+      x, kv, qk = self.layers[i](x, cos, sin, mask, kv, index, prefix)
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])

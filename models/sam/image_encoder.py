@@ -236,8 +236,11 @@ class Attention(nnx.Module):
     elif impl.endswith("_folded"):
       rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h[...], self.rel_pos_w[...], h, w)
       q2, k2, v2 = fold_rel_pos(q, k, v, rel_h, rel_w, h, w, self.scale)
-      out = jax.nn.dot_product_attention(q2, k2, v2, scale=1.0,
-                                         implementation=backend)[..., :self.head_dim]
+      # cuDNN can keep v at its own width (v2 is then dead code, which XLA drops).
+      out = cudnn.flash_attention_narrow_values(q2, k2, v, 1.0) if backend == "cudnn" else None
+      if out is None:
+        out = jax.nn.dot_product_attention(q2, k2, v2, scale=1.0,
+                                           implementation=backend)[..., :self.head_dim]
     else:
       rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h[...], self.rel_pos_w[...], h, w)
       # bias[b, n, t, (r, c)] = rel_h[b, t, n, r] + rel_w[b, t, n, c]; fp32 for XLA, where it is
