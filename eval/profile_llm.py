@@ -22,7 +22,7 @@ from typing import Sequence
 
 def main(argv: Sequence[str] | None = None) -> dict:
   # Before jax is imported, as `eval.bench` does: a batch-128 unpruned KV cache is 47 GB.
-  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.97")
   import jax
   import jax.numpy as jnp
   from eval import bench_common as common
