@@ -163,3 +163,18 @@ def test_sam_profile_sums_device_kernels_by_kind():
   assert total == 10.0
   assert agg[("dot.1", "gemm_a")] == [8.0, 2]
   assert agg[("loop_add_fusion", "loop_add_fusion")] == [2.0, 1]
+
+
+def test_llm_profile_tiny_writes_prefill_and_decode_parts(tmp_path):
+  # CPU smoke run of `python -m eval.profile_llm --tiny`: both programs profiled, the decode loop
+  # set against a positive floor, the result written as JSON.
+  import json
+  from eval import profile_llm
+  res = profile_llm.main(["--out", str(tmp_path), "--tiny", "--batch", "2", "--calls", "1"])
+  saved = json.loads((tmp_path / "llm_profile.json").read_text())
+  assert saved["batch"] == 2 and saved["decode_floor_ms_per_step"] > 0
+  for part, steps in (("prefill", 1), ("decode_loop", 32)):
+    assert saved[part]["steps"] == steps and saved[part]["device_ms_per_call"] > 0
+    assert saved[part]["top"] and set(saved[part]["kinds_ms_per_call"]) <= {
+        "matmul", "attention", "other"}
+  assert res["decode_loop"]["of_floor"] == saved["decode_loop"]["of_floor"] > 0
