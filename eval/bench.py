@@ -3,7 +3,7 @@
     python -m eval.bench --out DIR [--part jax|torch|all|report] [--quick] [--tiny]
         [--batches 1,8,32] [--methods none,altp,fastv,pdrop] [--reductions 0.5,0.75,0.9]
         [--skip-torch] [--no-search] [--no-components] [--sam-attention auto,einsum,...]
-        [--sam-only]
+        [--sam-only] [--attention auto|xla|cudnn]
 
 Random bf16 weights at GLaMM-7B shapes (CLIP ViT-L/14-336, Vicuna-7B, SAM ViT-H), a 640-token
 prompt (576 visual + 64 text), 64 new tokens forced (EOS ignored), 8 [SEG] masks per image.
@@ -20,6 +20,8 @@ prompt (576 visual + 64 text), 64 new tokens forced (EOS ignored), 8 [SEG] masks
 `--sam-attention` lists SAM image-encoder attention paths (`models/sam/config.py`); the
 sam_encoder component is timed once per path. `--part jax --sam-only` times only that component
 (the SAM parameters alone are built), e.g. the old einsum path against the fused ones.
+`--attention` sets the CLIP tower's and the LLM's backend (`models/cudnn.py`; "auto" is cuDNN flash
+on an NVIDIA GPU, with XLA for the LLM's one-token decode steps).
 
 The report (DIR/bench.json, DIR/bench.md, DIR/bench.png) joins the two halves by (method,
 reduction, batch) and gives time ratios ours / theirs: for ALTP against the reference with the
