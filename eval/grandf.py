@@ -85,6 +85,18 @@ def _unnest(pred: dict) -> dict:
   return pred
 
 
+def predicted_ids(pred_dir_or_records, image_ids: Sequence[str]) -> list[str]:
+  """The ids of `image_ids` (in that order) that have a prediction: a `{image_id}.json` file in a
+  directory, a key of a mapping, or a record's "image_id" in a list."""
+  if isinstance(pred_dir_or_records, (str, os.PathLike)):
+    have = {f[:-len(".json")] for f in os.listdir(pred_dir_or_records) if f.endswith(".json")}
+  elif isinstance(pred_dir_or_records, Mapping):
+    have = set(pred_dir_or_records)
+  else:
+    have = {r["image_id"] for r in pred_dir_or_records}
+  return [i for i in image_ids if i in have]
+
+
 def load_predictions(pred_dir_or_records, image_ids: Sequence[str]) -> dict[str, dict]:
   """image_id -> {"caption", "labels", "pred_masks"} for every evaluated image.
 

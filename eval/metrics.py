@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -107,8 +107,10 @@ def _empty_res(coco_gt: COCO) -> COCO:
                            "annotations": []})
 
 
-def mask_ap(coco_mask_gt: COCO, detections: list[dict], verbose: bool = False) -> dict[str, float]:
-  """{"mAP": stats[0], "AP50": stats[1]} of COCOeval segm with catIds [1].
+def mask_ap(coco_mask_gt: COCO, detections: list[dict], verbose: bool = False,
+            image_ids: Sequence | None = None) -> dict[str, float]:
+  """{"mAP": stats[0], "AP50": stats[1]} of COCOeval segm with catIds [1], over every GT image
+  or only `image_ids`.
 
   The reference crashes when no image has any mask (`loadRes` indexes the first result); here
   that case evaluates an empty detection set (AP 0).
@@ -118,6 +120,8 @@ def mask_ap(coco_mask_gt: COCO, detections: list[dict], verbose: bool = False) -
   with contextlib.redirect_stdout(out):
     ev = COCOeval(coco_mask_gt, coco_dt, "segm")
     ev.params.catIds = [1]
+    if image_ids is not None:
+      ev.params.imgIds = list(image_ids)
     ev.evaluate()
     ev.accumulate()
     ev.summarize()
@@ -227,22 +231,32 @@ def caption_scores(coco_cap_gt: COCO, caption_results: list[dict], meteor=None) 
 
 def evaluate_gcg(pred_dir_or_records, gt_caption_json, gt_mask_json,
                  embedder: TextEmbedder | None, meteor=None, iou_threshold: float = 0.5,
-                 text_sim_threshold: float = 0.5, verbose: bool = False) -> dict[str, float]:
-  """The five GCG numbers: {"AP50", "METEOR", "CIDEr", "mIoU", "recall"} (plus "mAP").
+                 text_sim_threshold: float = 0.5, verbose: bool = False,
+                 only_predicted: bool = False) -> dict:
+  """The five GCG numbers: {"AP50", "METEOR", "CIDEr", "mIoU", "recall"} (plus "mAP",
+  "evaluated_images" and "gt_images").
 
   pred_dir_or_records: prediction directory, {image_id: record} or a list of records.
   gt_caption_json / gt_mask_json: paths (or already-parsed dicts) of the GranD-f GT files.
   embedder: str -> float32 [D] sentence vector for the recall (see `text_embedder`). Without
     one, "recall" is None and "recall_unavailable" gives the reason (never a silent 0).
   meteor: an optional shared `Meteor()` instance.
+  only_predicted: score only the GT images that have a prediction (a partial run, e.g.
+    `--limit`), every metric restricted to them; by default a missing prediction is an error, as
+    in the reference.
   """
   coco_cap_gt = grandf.load_caption_gt(gt_caption_json)
   coco_mask_gt = grandf.load_mask_gt(gt_mask_json)
-  image_ids = [img["id"] for img in coco_cap_gt.dataset["images"]]
+  all_ids = [img["id"] for img in coco_cap_gt.dataset["images"]]
+  image_ids = grandf.predicted_ids(pred_dir_or_records, all_ids) if only_predicted else all_ids
+  if not image_ids:
+    raise ValueError(f"predictions: none of the {len(all_ids)} GT images has a prediction")
   preds = grandf.load_predictions(pred_dir_or_records, image_ids)
   detections, captions = grandf.coco_predictions(preds, image_ids, coco_mask_gt)
 
-  results = mask_ap(coco_mask_gt, detections, verbose=verbose)
+  results: dict = {"evaluated_images": len(image_ids), "gt_images": len(all_ids)}
+  results.update(mask_ap(coco_mask_gt, detections, verbose=verbose,
+                         image_ids=image_ids if only_predicted else None))
   results.update(caption_scores(coco_cap_gt, captions, meteor=meteor))
   coco_dt = _load_res(coco_mask_gt, detections) if detections else _empty_res(coco_mask_gt)
   coco_cap_dt = _load_res(coco_cap_gt, captions)

@@ -715,7 +715,8 @@ def parse_args(argv=None):
   p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
   p.add_argument("--max-segs", type=int, default=DEFAULT_MAX_MASKS,
                  help="masks decoded per image at most")
-  p.add_argument("--limit", type=int, default=None, help="process at most this many images")
+  p.add_argument("--limit", type=int, default=None, help="process at most this many images (the evaluation then scores only "
+                      "the images that have predictions, and says so)")
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--skip-eval", action="store_true", help="write predictions only")
   args = p.parse_args(argv)
@@ -748,5 +749,6 @@ def main(argv=None):
                mesh=mesh)
   print(json.dumps({k: v for k, v in record.items() if k != "options"}, indent=2))
   if args.annotations and not args.skip_eval:
-    return run_gcg.evaluate_and_report(args.out, args.annotations, args.split, record, args.bert)
+    return run_gcg.evaluate_and_report(args.out, args.annotations, args.split, record, args.bert,
+                                       only_predicted=args.limit is not None)
   return record

@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 
 import jax
@@ -232,7 +233,8 @@ def parse_args(argv=None):
                       "models/llama/fuse.py); never with a tensor axis > 1")
   p.add_argument("--max-new-tokens", type=int, default=512)
   p.add_argument("--max-segs", type=int, default=16, help="masks decoded per image at most")
-  p.add_argument("--limit", type=int, default=None, help="process at most this many images")
+  p.add_argument("--limit", type=int, default=None, help="process at most this many images (the evaluation then scores only "
+                      "the images that have predictions, and says so)")
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--skip-eval", action="store_true", help="write predictions only")
   args = p.parse_args(argv)
@@ -249,12 +251,14 @@ def summary_table(metrics: dict, record: dict) -> str:
           ("AP50", metrics.get("AP50")), ("mIoU", metrics.get("mIoU")),
           ("recall", metrics.get("recall"))]
   lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {fmt(v)} |" for k, v in rows]
+  if metrics.get("evaluated_images", 0) < metrics.get("gt_images", 0):
+    lines.append(f"| images scored | {metrics['evaluated_images']} of {metrics['gt_images']} "
+                 f"(partial run) |")
   lines.append(f"| images/s | {record['images_per_second']:.2f} |")
   return "\n".join(lines)
 
 
 def main(argv=None):
-  import sys
   from eval.tokenizer import load_tokenizer, seg_token_id
 
   argv = sys.argv[1:] if argv is None else list(argv)
@@ -295,21 +299,28 @@ def main(argv=None):
   print(json.dumps({k: v for k, v in record.items() if k != "options"}, indent=2))
   if annotations and not args.skip_eval and jax.process_index() == 0:
     return evaluate_and_report(args.out, annotations, args.split, record, args.bert,
-                               None if args.checkpoint else embedded_default.recall_embedder())
+                               None if args.checkpoint else embedded_default.recall_embedder(),
+                               only_predicted=args.limit is not None)
   return record
 
 
-def evaluate_and_report(out_dir, annotations, split, record, bert_dir=None, embedder=None):
+def evaluate_and_report(out_dir, annotations, split, record, bert_dir=None, embedder=None,
+                        only_predicted=False):
   """The GCG metrics of OUT/predictions against a GranDf annotations folder: writes
   OUT/metrics_{split}.json, prints the summary table, returns the metrics. `bert_dir` (a local
-  bert-base-uncased) overrides `embedder` for the recall's text similarity."""
+  bert-base-uncased) overrides `embedder` for the recall's text similarity. `only_predicted`
+  (a `--limit` run): score only the GT images that have predictions, and say so."""
   from eval import grandf, metrics
   if bert_dir:
     from eval.text_embedder import BertMeanEmbedder
     embedder = BertMeanEmbedder(bert_dir)
   caption_gt, mask_gt = grandf.gt_paths(annotations, split)
   results = metrics.evaluate_gcg(os.path.join(out_dir, "predictions"), caption_gt, mask_gt,
-                                 embedder)
+                                 embedder, only_predicted=only_predicted)
+  if results["evaluated_images"] < results["gt_images"]:
+    print(f"partial run: metrics over {results['evaluated_images']} of {results['gt_images']} GT "
+          f"images (those with predictions); not comparable with a full evaluation",
+          file=sys.stderr)
   _write_json(os.path.join(out_dir, f"metrics_{split}.json"), results)
   print(summary_table(results, record))
   return results

@@ -320,3 +320,47 @@ def test_command_line_writes_the_numbers(tmp_path, bert_dir, meteor, monkeypatch
     out = json.load(f)
   assert out["AP50"] == 1.0 and out["mIoU"] == 1.0 and out["recall"] == 1.0
   assert out["METEOR"] > 0.5 and out["split"] == "val"
+
+
+def test_partial_run_scores_only_the_predicted_images(tmp_path, meteor):
+  # A `--limit` run predicts some GT images: the default (the reference's) is an error naming the
+  # first missing one; only_predicted scores the predicted ones, COCO AP included (the missing
+  # images' 3 GT masks would otherwise count as misses: AP50 0.4 instead of 1).
+  cap_gt, mask_gt = _gt()
+  records = _records(_perfect_preds())
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(ValueError, match="none of the 3 GT images"):
+    metrics.evaluate_gcg(str(empty), cap_gt, mask_gt, None, meteor=meteor, only_predicted=True)
+  write_prediction(str(tmp_path), records["sa_a"])
+  with pytest.raises(FileNotFoundError, match="sa_b"):
+    metrics.evaluate_gcg(str(tmp_path), cap_gt, mask_gt, None, meteor=meteor)
+  out = metrics.evaluate_gcg(str(tmp_path), cap_gt, mask_gt, None, meteor=meteor,
+                             only_predicted=True)
+  assert (out["evaluated_images"], out["gt_images"]) == (1, 3)
+  assert out["AP50"] == 1.0 and out["mIoU"] == 1.0 and out["METEOR"] > 0.5
+  assert grandf.predicted_ids(records, ["sa_c", "x", "sa_a"]) == ["sa_c", "sa_a"]
+  assert grandf.predicted_ids(list(records.values()), ["sa_b"]) == ["sa_b"]
+
+
+def test_limit_run_reports_a_partial_score(tmp_path, meteor, monkeypatch, capsys):
+  # What `python -m eval.gcg --limit N` does after predicting: score the predicted images only,
+  # say so on stderr and in the summary table, and write the counts into metrics_{split}.json.
+  from eval import run_gcg
+  monkeypatch.setattr("pycocoevalcap.meteor.meteor.Meteor", lambda: meteor)  # reuse the JVM
+  cap_gt, mask_gt = _gt()
+  gt_dir = tmp_path / "gt"
+  gt_dir.mkdir()
+  for name, data in (("val_gcg_coco_caption_gt.json", cap_gt), ("val_gcg_coco_mask_gt.json", mask_gt)):
+    with open(gt_dir / name, "w") as f:
+      json.dump(data, f)
+  out_dir = tmp_path / "run"
+  write_prediction(str(out_dir / "predictions"), _records(_perfect_preds())["sa_c"])
+  res = run_gcg.evaluate_and_report(str(out_dir), str(gt_dir), "val", {"images_per_second": 1.0},
+                                    only_predicted=True)
+  printed = capsys.readouterr()
+  assert "metrics over 1 of 3 GT images" in printed.err
+  assert "| images scored | 1 of 3 (partial run) |" in printed.out
+  with open(out_dir / "metrics_val.json") as f:
+    saved = json.load(f)
+  assert saved["evaluated_images"] == res["evaluated_images"] == 1 and saved["AP50"] == 1.0
