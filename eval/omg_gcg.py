@@ -673,19 +673,13 @@ def build_options(args, tok, config) -> OmgGCGOptions:
 
 
 def parse_args(argv=None):
+  from eval import run_gcg
   p = argparse.ArgumentParser(prog="python -m eval.gcg --model omg_llava",
                               description="OMG-LLaVA GCG with visual-token pruning")
   p.add_argument("--model", default="omg_llava", choices=("glamm", "omg_llava"))
   p.add_argument("--checkpoint", "--ckpt", required=True,
                  help="directory written by `python -m convert omg_llava` (with the tokenizer)")
   p.add_argument("--images", required=True, help="folder of images (GranDf val_test images)")
-  p.add_argument("--annotations", "--gt-dir", default=None,
-                 help="GranDf annotations folder ({split}_gcg_coco_{caption,mask}_gt.json)")
-  p.add_argument("--split", default="val", choices=("val", "test"))
-  p.add_argument("--bert", "--bert-dir", default=None,
-                 help="local bert-base-uncased directory for grounding recall")
-  p.add_argument("--out", default="out/gcg_omg_llava", help="output folder")
-  p.add_argument("--prune", default="none", choices=gcg.METHODS)
   p.add_argument("--keep-ratio", type=float, default=1.0,
                  help="fraction of the 256 pixel tokens kept (0.1 = 90%% reduction of them)")
   p.add_argument("--omg-score", default="feature_norm", choices=SCORES,
@@ -696,32 +690,16 @@ def parse_args(argv=None):
                  help="ask the next GCG question until an answer has a [SEG] (reference rule)")
   p.add_argument("--superpixels", default="host", choices=("host", "device"))
   p.add_argument("--density", default="dispersion", help="ALTP density option")
-  p.add_argument("--positions", default="original", choices=("original", "compact"))
-  p.add_argument("--fastv-layer", type=int, default=2)
   p.add_argument("--pdrop-layers", default=None, help="comma list (default 2,8,16,24)")
   p.add_argument("--pdrop-ratios", default=None, help="comma list (default 1,0.5,0.25,0.125)")
   p.add_argument("--seed", type=int, default=0, help="seed of --prune random")
-  p.add_argument("--batch-size", type=int, default=1,
-                 help="device batch; with a mesh, split over its data/fsdp axes")
-  p.add_argument("--mesh", default=None,
-                 help="device mesh, e.g. data=-1 (all devices data-parallel) or data=2,tensor=4; "
-                      "default: the first device")
   p.add_argument("--split-programs", action="store_true",
                  help="compile the vision encoder once and the pruning + LLM program per "
                       "options (two programs) instead of one program per options")
-  p.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=True,
-                 help="one matmul for each LLM layer's q/k/v and gate/up (faster decoding; "
-                      "models/llama/fuse.py); never with a tensor axis > 1")
-  p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-  p.add_argument("--max-segs", type=int, default=DEFAULT_MAX_MASKS,
-                 help="masks decoded per image at most")
-  p.add_argument("--limit", type=int, default=None, help="process at most this many images (the evaluation then scores only "
-                      "the images that have predictions, and says so)")
-  p.add_argument("--no-progress", action="store_true")
-  p.add_argument("--skip-eval", action="store_true", help="write predictions only")
+  run_gcg.add_run_options(p, out="out/gcg_omg_llava", max_new_tokens=MAX_NEW_TOKENS,
+                          max_segs=DEFAULT_MAX_MASKS, mesh_default="default: the first device")
   args = p.parse_args(argv)
-  if args.batch_size < 1:
-    p.error("--batch-size must be >= 1")
+  run_gcg.check_run_options(p, args)
   return args
 
 
@@ -730,12 +708,11 @@ def main(argv=None):
   from convert.load import load_omg_llava
   from eval.omg_llava_tokenizer import load_omg_llava_tokenizer
   from eval import run_gcg
-
   from models import mesh as mesh_lib
   from models.llama import fuse
 
   args = parse_args(argv)
-  mesh = mesh_lib.make_mesh(args.mesh) if args.mesh else None
+  mesh = mesh_lib.make_mesh(args.mesh) if args.mesh else None   # one process, first device
   tok = load_omg_llava_tokenizer(args.checkpoint, add_missing=True)
   model = load_omg_llava(args.checkpoint, mesh=mesh)
   if model.config.llm.vocab_size < len(tok):

@@ -197,6 +197,54 @@ def _write_json(path, obj):
 MODELS = ("glamm", "omg_llava")
 
 
+def add_run_options(p: argparse.ArgumentParser, *, out: str, max_new_tokens: int,
+                    max_segs: int, mesh_default: str) -> None:
+  """The options `python -m eval.gcg` takes for GLaMM and OMG-LLaVA alike: evaluation data,
+  the pruning method's common knobs, batching and mesh, generation limits, outputs. The
+  model-specific defaults are arguments (`mesh_default`: what no --mesh means, for the help)."""
+  p.add_argument("--annotations", "--gt-dir", default=None,
+                 help="GranDf annotations folder ({split}_gcg_coco_{caption,mask}_gt.json)")
+  p.add_argument("--split", default="val", choices=("val", "test"))
+  p.add_argument("--bert", "--bert-dir", default=None,
+                 help="local bert-base-uncased directory for grounding recall (without it recall "
+                      "is reported as unavailable)")
+  p.add_argument("--out", default=out, help="output folder (predictions/, run, metrics)")
+  p.add_argument("--prune", default="none", choices=gcg.METHODS)
+  p.add_argument("--positions", default="original", choices=("original", "compact"))
+  p.add_argument("--fastv-layer", type=int, default=2)
+  p.add_argument("--batch-size", type=int, default=1,
+                 help="global batch; split over the mesh's data/fsdp axes")
+  p.add_argument("--mesh", default=None,
+                 help="device mesh, e.g. data=-1 (all devices data-parallel) or "
+                      f"data=2,fsdp=1,tensor=4; {mesh_default}")
+  p.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=True,
+                 help="one matmul for each layer's q/k/v and gate/up (faster decoding; "
+                      "models/llama/fuse.py); never with a tensor axis > 1")
+  p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+  p.add_argument("--max-segs", type=int, default=max_segs, help="masks decoded per image at most")
+  p.add_argument("--limit", type=int, default=None,
+                 help="process at most this many images (the evaluation then scores only the "
+                      "images that have predictions, and says so)")
+  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--skip-eval", action="store_true", help="write predictions only")
+
+
+def run_mesh(args: argparse.Namespace):
+  """The mesh of `--mesh`; without it, all devices data-parallel when several are visible, else
+  None (the default device). Call after `multihost.initialize()`."""
+  from models import mesh as mesh_lib
+  spec = args.mesh or ("data=-1" if jax.device_count() > 1 else None)
+  return mesh_lib.make_mesh(spec) if spec else None
+
+
+def check_run_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  """argparse errors for values `add_run_options` types cannot reject."""
+  if args.batch_size < 1:
+    p.error("--batch-size must be >= 1")
+  if args.limit is not None and args.limit < 0:
+    p.error("--limit must be >= 0")
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(prog="python -m eval.gcg", description=__doc__.split("\n")[0])
   p.add_argument("--model", default="glamm", choices=MODELS,
@@ -205,14 +253,6 @@ def parse_args(argv=None):
                  help="directory written by `python -m convert glamm`; without it, the embedded "
                       "default runs (our trained synthetic GLaMM on 16 generated test scenes)")
   p.add_argument("--images", default=None, help="folder of images (GranDf val_test images)")
-  p.add_argument("--annotations", "--gt-dir", default=None,
-                 help="GranDf annotations folder ({split}_gcg_coco_{caption,mask}_gt.json)")
-  p.add_argument("--split", default="val", choices=("val", "test"))
-  p.add_argument("--bert", "--bert-dir", default=None,
-                 help="local bert-base-uncased directory for grounding recall (without it recall "
-                      "is reported as unavailable)")
-  p.add_argument("--out", default="out/gcg", help="output folder (predictions/, run, metrics)")
-  p.add_argument("--prune", default="none", choices=gcg.METHODS)
   p.add_argument("--keep-ratio", type=float, default=1.0,
                  help="fraction of the visual tokens kept (0.1 = 90%% reduction)")
   p.add_argument("--superpixels", default="host", choices=("host", "device"),
@@ -221,23 +261,10 @@ def parse_args(argv=None):
                  help="ALTP information density (DDF)")
   p.add_argument("--coverage", type=float, default=gcg.ALTP_DEFAULTS.coverage,
                  help="ALTP: share of the token budget given to superpixel coverage (DDC)")
-  p.add_argument("--positions", default="original", choices=("original", "compact"))
-  p.add_argument("--fastv-layer", type=int, default=2)
-  p.add_argument("--batch-size", type=int, default=1,
-                 help="global batch; split over the mesh's data/fsdp axes")
-  p.add_argument("--mesh", default=None,
-                 help="device mesh, e.g. data=-1 (all devices data-parallel; the default when "
-                      "several devices are visible) or data=2,fsdp=1,tensor=4")
-  p.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=True,
-                 help="one matmul for each layer's q/k/v and gate/up (faster decoding; "
-                      "models/llama/fuse.py); never with a tensor axis > 1")
-  p.add_argument("--max-new-tokens", type=int, default=512)
-  p.add_argument("--max-segs", type=int, default=16, help="masks decoded per image at most")
-  p.add_argument("--limit", type=int, default=None, help="process at most this many images (the evaluation then scores only "
-                      "the images that have predictions, and says so)")
-  p.add_argument("--no-progress", action="store_true")
-  p.add_argument("--skip-eval", action="store_true", help="write predictions only")
+  add_run_options(p, out="out/gcg", max_new_tokens=512, max_segs=16,
+                  mesh_default="default: data=-1 when several devices are visible")
   args = p.parse_args(argv)
+  check_run_options(p, args)
   if args.checkpoint and not args.images:
     p.error("--checkpoint needs --images (the folder of images to caption)")
   return args
@@ -269,11 +296,9 @@ def main(argv=None):
     return omg_gcg.main(argv)
   args = parse_args(argv)
   from eval import multihost
-  from models import mesh as mesh_lib
   from models.llama import fuse
   multihost.initialize()
-  mesh_spec = args.mesh or ("data=-1" if jax.device_count() > 1 else None)
-  mesh = mesh_lib.make_mesh(mesh_spec) if mesh_spec else None
+  mesh = run_mesh(args)
   altp = dataclasses.replace(gcg.ALTP_DEFAULTS, density=args.density, coverage=args.coverage)
   if args.checkpoint:
     from convert import load_glamm
