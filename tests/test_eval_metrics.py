@@ -54,6 +54,15 @@ def _gt():
   return cap_gt, mask_gt
 
 
+def _write_gt_dir(gt_dir):
+  """A GranDf annotations folder holding the val caption and mask GT of `_gt()`."""
+  gt_dir.mkdir()
+  for name, data in zip(("val_gcg_coco_caption_gt.json", "val_gcg_coco_mask_gt.json"), _gt()):
+    with open(gt_dir / name, "w") as f:
+      json.dump(data, f)
+  return gt_dir
+
+
 def _perfect_preds():
   """image_id -> (caption, phrases, masks [N,H,W])."""
   out = {}
@@ -306,12 +315,7 @@ def test_prediction_loading_layouts_and_errors(tmp_path, embedder):
 def test_command_line_writes_the_numbers(tmp_path, bert_dir, meteor, monkeypatch):
   from eval import run_gcg_eval
   monkeypatch.setattr("pycocoevalcap.meteor.meteor.Meteor", lambda: meteor)  # reuse the JVM
-  cap_gt, mask_gt = _gt()
-  gt_dir = tmp_path / "gt"
-  gt_dir.mkdir()
-  for name, data in (("val_gcg_coco_caption_gt.json", cap_gt), ("val_gcg_coco_mask_gt.json", mask_gt)):
-    with open(gt_dir / name, "w") as f:
-      json.dump(data, f)
+  gt_dir = _write_gt_dir(tmp_path / "gt")
   for r in _records(_perfect_preds()).values():
     write_prediction(str(tmp_path / "pred"), r)
   run_gcg_eval.main(["--pred_dir", str(tmp_path / "pred"), "--gt_dir", str(gt_dir), "--split",
@@ -348,12 +352,7 @@ def test_limit_run_reports_a_partial_score(tmp_path, meteor, monkeypatch, capsys
   # say so on stderr and in the summary table, and write the counts into metrics_{split}.json.
   from eval import run_gcg
   monkeypatch.setattr("pycocoevalcap.meteor.meteor.Meteor", lambda: meteor)  # reuse the JVM
-  cap_gt, mask_gt = _gt()
-  gt_dir = tmp_path / "gt"
-  gt_dir.mkdir()
-  for name, data in (("val_gcg_coco_caption_gt.json", cap_gt), ("val_gcg_coco_mask_gt.json", mask_gt)):
-    with open(gt_dir / name, "w") as f:
-      json.dump(data, f)
+  gt_dir = _write_gt_dir(tmp_path / "gt")
   out_dir = tmp_path / "run"
   write_prediction(str(out_dir / "predictions"), _records(_perfect_preds())["sa_c"])
   res = run_gcg.evaluate_and_report(str(out_dir), str(gt_dir), "val", {"images_per_second": 1.0},
