@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eval import bench_common as common
+
 PREFILL, SLOTS = 640, 704
 
 
@@ -53,16 +55,6 @@ def errors(got, want, rows) -> dict:
   w = np.asarray(want, np.float32)[np.asarray(rows)]
   return dict(rel_l2=float(np.linalg.norm(g - w) / np.linalg.norm(w)),
               max_abs=float(np.abs(g - w).max()))
-
-
-def median_ms(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append((time.perf_counter() - t0) * 1e3)
-  return float(np.median(times))
 
 
 # (name, queries, keys, query heads, key/value heads, head dim, masked like a prefill, is_causal).
@@ -91,7 +83,8 @@ def attention_rows(batch: int, repeats: int) -> list[dict]:
       f = jax.jit(lambda q, k, v, m, impl=impl: jax.nn.dot_product_attention(
           q, k, v, mask=m, is_causal=causal, implementation=impl))
       got = f(qb, kb, vb, mask)
-      row[impl] = dict(errors(got, ref, rows), ms=median_ms(lambda: f(qb, kb, vb, mask), repeats))
+      t = common.median_ms(lambda: f(qb, kb, vb, mask), jax.block_until_ready, repeats)
+      row[impl] = dict(errors(got, ref, rows), ms=t["ms"])
     row["speedup"] = row["xla"]["ms"] / row["cudnn"]["ms"]
     out.append(row)
     print(json.dumps(row), flush=True)

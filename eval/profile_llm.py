@@ -27,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   import jax.numpy as jnp
   from eval import bench_common as common
   from eval import bench_flops as flops
+  from eval.bench import ATTENTION_IMPLS
   from eval.bench_jax import DECODE_LOOP_STEPS, Bench, _copy_bandwidth
   from eval.profile_sam import profile_calls
 
@@ -35,8 +36,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--method", default="none", choices=common.METHOD_NAMES)
   p.add_argument("--reduction", type=float, default=0.9)
-  p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
-                 help="LlamaConfig.attention_impl")
+  p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS,
+                 help="CLIP and LLM attention backend (`models.cudnn`)")
   p.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=True)
   p.add_argument("--calls", type=int, default=2, help="profiled calls of each program")
   p.add_argument("--tiny", action="store_true", help="test-sized model (CPU smoke run)")

@@ -229,14 +229,6 @@ def add_run_options(p: argparse.ArgumentParser, *, out: str, max_new_tokens: int
   p.add_argument("--skip-eval", action="store_true", help="write predictions only")
 
 
-def run_mesh(args: argparse.Namespace):
-  """The mesh of `--mesh`; without it, all devices data-parallel when several are visible, else
-  None (the default device). Call after `multihost.initialize()`."""
-  from models import mesh as mesh_lib
-  spec = args.mesh or ("data=-1" if jax.device_count() > 1 else None)
-  return mesh_lib.make_mesh(spec) if spec else None
-
-
 def check_run_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   """argparse errors for values `add_run_options` types cannot reject."""
   if args.batch_size < 1:
@@ -296,9 +288,11 @@ def main(argv=None):
     return omg_gcg.main(argv)
   args = parse_args(argv)
   from eval import multihost
+  from models import mesh as mesh_lib
   from models.llama import fuse
   multihost.initialize()
-  mesh = run_mesh(args)
+  mesh_spec = args.mesh or ("data=-1" if jax.device_count() > 1 else None)
+  mesh = mesh_lib.make_mesh(mesh_spec) if mesh_spec else None
   altp = dataclasses.replace(gcg.ALTP_DEFAULTS, density=args.density, coverage=args.coverage)
   if args.checkpoint:
     from convert import load_glamm
