@@ -47,7 +47,7 @@ import time
 # models.sam.config.SAM_ATTENTION_IMPLS, repeated: importing models.sam here would import jax
 # before the torch half sets JAX_PLATFORMS=cpu (tests/test_sam_parity.py checks they agree).
 SAM_ATTENTION_IMPLS = ("auto", "einsum", "xla_bias", "xla_folded", "cudnn_bias", "cudnn_folded",
-                       "cudnn_mixed")
+                       "cudnn_mixed", "pallas_window")
 # models.cudnn.ATTENTION_IMPLS (CLIP and LLM), repeated for the same reason
 # (tests/test_llama_parity.py checks they agree).
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")

@@ -124,7 +124,7 @@ def sam_attention_paths(enc_config, impl: str) -> dict:
   out = {}
   if w and any(enc_config.block_window_size(i) for i in range(enc_config.depth)):
     out["windowed"] = resolve_attention_impl(impl, jnp.bfloat16, enc_config.head_dim, (w, w),
-                                             enc_config.use_rel_pos)
+                                             enc_config.use_rel_pos, windowed=True)
   if any(enc_config.block_window_size(i) == 0 for i in range(enc_config.depth)):
     out["global"] = resolve_attention_impl(impl, jnp.bfloat16, enc_config.head_dim, (g, g),
                                            enc_config.use_rel_pos)

@@ -160,8 +160,11 @@ def test_block_matches_reference_on_non_square_maps(window, input_size, hw, impl
   np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("impl", ["auto", "xla_folded"])
-def test_image_encoder_matches_reference_with_window_padding(impl):
+@pytest.mark.parametrize("impl", ["auto", "xla_folded", "pallas_window"])
+def test_image_encoder_matches_reference_with_window_padding(impl, monkeypatch):
+  if impl == "pallas_window":
+    # The kernel compiles only on an NVIDIA GPU; here it runs through JAX's Pallas interpreter.
+    monkeypatch.setattr(j_ie.window_kernel, "supported", lambda *a: True)
   c = dataclasses.replace(TINY.image_encoder, attention_impl=impl)
   assert c.grid_size % c.window_size != 0, "the tiny config must make windowed blocks pad"
   t_enc = _randomize(_torch_image_encoder(c), seed=2)
@@ -178,6 +181,9 @@ def test_attention_impl_resolution_and_folded_widths():
   # On the CPU "auto" is the XLA bias path; the folded head dims of ViT-H (80 + 14 + 14 -> 112 for
   # windows, 80 + 64 + 64 = 208 for global blocks) are what cuDNN gets on a GPU.
   assert j_ie.resolve_attention_impl("auto", jnp.bfloat16, 80, (14, 14), True) == "xla_bias"
+  # The windowed kernel needs a GPU; elsewhere "pallas_window" resolves as "auto".
+  assert j_ie.resolve_attention_impl("pallas_window", jnp.bfloat16, 80, (14, 14), True,
+                                     windowed=True) == "xla_bias"
   assert j_ie.resolve_attention_impl("cudnn_bias", jnp.float32, 80, (14, 14), True) == "cudnn_bias"
   assert cudnn.flash_head_dim_limit(jnp.float32) == 0
   assert j_ie.resolve_attention_impl("cudnn_mixed", jnp.bfloat16, 80, (14, 14), True) == (

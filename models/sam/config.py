@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 
 # How the image encoder's attention is computed (`models.sam.image_encoder.Attention`); every
-# choice computes the same maths. "auto" picks "cudnn_folded" where cuDNN flash attention takes the
-# shapes (NVIDIA GPU, bf16/fp16, folded head dim within cuDNN's limit) and "xla_bias" elsewhere;
-# "cudnn_mixed" folds where that widens the heads by at most half (ViT-H's 14x14 windows) and
-# passes a bias elsewhere (its 64x64 global blocks).
+# choice computes the same maths. "auto" runs the windowed blocks as one Pallas kernel on the
+# unpadded map where it compiles ("pallas_window": `models.sam.window_kernel`, NVIDIA GPU, 16-bit)
+# and other attention as "cudnn_folded" where cuDNN flash attention takes the shapes (NVIDIA GPU,
+# bf16/fp16, folded head dim within cuDNN's limit), "xla_bias" elsewhere; "cudnn_mixed" folds
+# where that widens the heads by at most half (ViT-H's 14x14 windows) and passes a bias
+# elsewhere (its 64x64 global blocks).
 SAM_ATTENTION_IMPLS = ("auto", "einsum", "xla_bias", "xla_folded", "cudnn_bias", "cudnn_folded",
-                       "cudnn_mixed")
+                       "cudnn_mixed", "pallas_window")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,9 @@ Attention (`SamImageEncoderConfig.attention_impl`): by default `jax.nn.dot_produ
 [B, T, N, D] slices of the fused qkv projection. On an NVIDIA GPU in bf16/fp16 the relative-position
 term is folded into wider q/k heads and cuDNN's flash kernel runs it with no O(T^2) tensor in
 memory (`fold_rel_pos`); elsewhere XLA runs it with the term as an additive fp32 bias. Softmax is
-fp32 in both; activations keep their dtype. "einsum" keeps the reference's 6-D formulation.
+fp32 in both; activations keep their dtype. "einsum" keeps the reference's 6-D formulation. On the
+GPU, windowed blocks run as one Pallas kernel instead (`models.sam.window_kernel`): no padded map, no
+window copies, no folded heads.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 
 from models import cudnn, sharding
 from models.activations import gelu_exact
-from models.sam import layers
+from models.sam import layers, window_kernel
 from models.sam.config import SAM_ATTENTION_IMPLS, SamImageEncoderConfig
 from models.sam.resize import resize_linear
 
@@ -164,12 +166,18 @@ def fold_rel_pos(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array, rel
 
 
 def resolve_attention_impl(impl: str, dtype, head_dim: int, grid: tuple[int, int],
-                           use_rel_pos: bool) -> str:
-  """The concrete attention path for `impl` (see `SAM_ATTENTION_IMPLS`) on a `grid` token map:
-  "auto" is "cudnn_folded" where cuDNN flash takes the folded head dim, else "xla_bias";
-  "cudnn_mixed" is "cudnn_folded" where folding widens the heads by at most half, else
-  "cudnn_bias" (folding costs attention FLOPs in proportion to the width, a bias costs an
-  O(T^2) tensor in memory: cheap for 14x14 windows, 537 MB per image and global block at 64x64)."""
+                           use_rel_pos: bool, *, windowed: bool = False) -> str:
+  """The concrete attention path for `impl` (see `SAM_ATTENTION_IMPLS`) on a `grid` token map
+  (a window when `windowed`): "auto" and "pallas_window" are the whole-block kernel for windows
+  where it compiles (`window_kernel.supported`: NVIDIA GPU, 16-bit); otherwise "auto" is
+  "cudnn_folded" where cuDNN flash takes the folded head dim, else "xla_bias"; "cudnn_mixed" is "cudnn_folded" where folding widens the heads by at most
+  half, else "cudnn_bias" (folding costs attention FLOPs in proportion to the width, a bias costs
+  an O(T^2) tensor in memory: cheap for 14x14 windows, 537 MB per image and global block at
+  64x64)."""
+  if impl in ("auto", "pallas_window"):
+    if windowed and window_kernel.supported(dtype, head_dim, grid[0]) and grid[0] == grid[1]:
+      return "pallas_window"
+    impl = "auto"
   if impl not in ("auto", "cudnn_mixed"):
     return impl
   folded = head_dim + (grid[0] + grid[1] if use_rel_pos else 0)
@@ -302,6 +310,10 @@ class Block(nnx.Module):
     instead of 4900 for ViT-H's 64x64 map in 14x14 windows). x: [B, H, W, dim] -> same."""
     b, h, w, _ = x.shape
     attn = self.attn
+    ws = self.window_size
+    if resolve_attention_impl(attn.impl, x.dtype, attn.head_dim, (ws, ws), attn.use_rel_pos,
+                              windowed=True) == "pallas_window":
+      return attn.proj(self._window_kernel_attention(x))
     qkv = attn.qkv(x, add_bias=False)                               # [B, H, W, 3, N, D]
     head_shape = qkv.shape[3:]
     windows, pad_hw = window_partition(qkv.reshape(b, h, w, -1), self.window_size)
@@ -311,6 +323,20 @@ class Block(nnx.Module):
     out = attn.attend(windows)                                      # [B * nW, ws, ws, N, D]
     out = window_unpartition(out.reshape(out.shape[:3] + (-1,)), self.window_size, pad_hw, (h, w))
     return attn.proj(out.reshape(b, h, w, *head_shape[1:]))
+
+  def _window_kernel_attention(self, x: jax.Array) -> jax.Array:
+    """The same windowed attention as one Pallas kernel on the unpadded map (a padding token is
+    the qkv bias inside the kernel): x [B, H, W, dim] -> [B, H, W, N, D], before `proj`."""
+    attn = self.attn
+    ws = self.window_size
+    qkv = attn.qkv(x)                                               # [B, H, W, 3, N, D]
+    bias = (attn.qkv.bias[...] if attn.qkv.bias is not None
+            else jnp.zeros(qkv.shape[3:], qkv.dtype))
+    rel = None
+    if attn.use_rel_pos:
+      rel = window_kernel.rel_pos_products(qkv[:, :, :, 0], attn.rel_pos_h[...],
+                                           attn.rel_pos_w[...], ws)
+    return window_kernel.window_attention(qkv, bias, rel, window=ws, scale=attn.scale)
 
 
 class ImageEncoder(nnx.Module):

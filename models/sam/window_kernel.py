@@ -1,0 +1,243 @@
+"""SAM's windowed attention as one Pallas (Triton) kernel that reads the unpadded token map.
+
+The XLA path of a windowed block (`Block._windowed_attention` with a folded cuDNN call) pads the
+64x64 qkv map to 70x70, cuts 25 windows (a transpose of all 3 * 1280 channels), folds the
+relative positions into wider q/k heads (two concatenations), runs flash attention and undoes the
+windowing (another transpose and a crop): on an H100 that glue costs more than the attention
+itself. This kernel does all of it on chip, one program per (image, window, head, block of
+window rows):
+
+  * q, k and v are gathered straight from the unpadded qkv map [B, H, W, 3, N, D]; a key in the window's zero padding (outside the map) is the qkv bias,
+    exactly what the reference's zero-padded tokens project to, and keys outside the window (the
+    tile's power-of-two slack) are masked;
+  * the decomposed relative-position bias is added as two small matmuls against one-hot key
+    rows/columns, gathered from products computed on the unpadded map (`rel_pos_products`);
+  * softmax in fp32, online over blocks of key rows (FlashAttention-2's loop, pipelined by
+    Triton across the blocks);
+  * the output is scattered back to [B, H, W, N, D], so the crop and the inverse transpose vanish.
+
+Triton tensors have power-of-two sides, so a window of side w sits in a tile of side
+`next_power_of_2(w)` (14 -> 16) and the head dim is handled in power-of-two chunks (80 = 64 + 16).
+`interpret=True` runs the same kernel on any backend (the CPU tests check it against the einsum
+path); compiled, it needs an NVIDIA GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.sam.resize import resize_linear
+
+# Far below any logit, finite so a fully masked row (never produced here) could not give NaN.
+_MASKED = -0.7 * float(np.finfo(np.float32).max)
+
+
+def tile_side(window: int) -> int:
+  """Side of the power-of-two tile a window of side `window` is computed in (14 -> 16)."""
+  return 1 << max(0, (window - 1).bit_length())
+
+
+def head_dim_chunks(head_dim: int) -> tuple[tuple[int, int], ...]:
+  """(start, size) chunks of power-of-two sizes >= 16 covering `head_dim` (80 -> (0, 64), (64,
+  16)); Triton's matmuls want power-of-two operands with at least 16 along the contraction."""
+  if head_dim % 16:
+    raise ValueError(f"window_kernel: head dim {head_dim} is not a multiple of 16")
+  chunks, start = [], 0
+  for bit in reversed(range(head_dim.bit_length())):
+    size = 1 << bit
+    if head_dim - start >= size >= 16:
+      chunks.append((start, size))
+      start += size
+  return tuple(chunks)
+
+
+def supported(dtype, head_dim: int, window: int) -> bool:
+  """Whether the compiled kernel runs here: a CUDA GPU (Triton), a 16-bit dtype, a head dim that
+  splits into Triton-sized chunks and a window whose tile keeps the logits in registers (side <=
+  16, the ViT-H/L/B windows of 14)."""
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return False
+  if jax.default_backend() != "gpu" or not getattr(jax.devices()[0], "compute_capability", None):
+    return False
+  return head_dim % 16 == 0 and 2 <= window <= 16
+
+
+def rel_pos_products(q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array, window: int
+                     ) -> jax.Array:
+  """Every query's products with every row of the two relative-position tables, on the unpadded
+  map: the kernel gathers the reference's rel_h[t, r] = q_t . R_h[row(t) - r + window - 1] (and
+  rel_w likewise) from them, so no per-row table and no transpose is needed here.
+
+  Args:
+    q: unscaled queries [B, H, W, N, D] (with the qkv bias).
+    rel_pos_h, rel_pos_w: the block's tables [L, D], linearly resized to 2 * window - 1 rows when
+      L differs (as `get_rel_pos` does).
+  Returns:
+    [B, H, W, N, 2 * (2 * window - 1)] in q's dtype: the row-table products, then the column-table
+    products (accumulated in fp32 and rounded once, as the reference's bf16 einsum does).
+  """
+  span = 2 * window - 1
+  tables = [t if t.shape[0] == span else resize_linear(t, span, axis=0)
+            for t in (rel_pos_h, rel_pos_w)]
+  table = jnp.concatenate(tables, axis=0).astype(q.dtype)                  # [2 * span, D]
+  out = jnp.einsum("bhwnd,rd->bhwnr", q, table, preferred_element_type=jnp.float32)
+  return out.astype(q.dtype)
+
+
+def _dot(a: jax.Array, b: jax.Array, contract_b: int = 0) -> jax.Array:
+  """a [M, K] times b [K, N] (or b [N, K] with contract_b=1), accumulated in fp32."""
+  return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def _window_attention_kernel(*refs, h: int, w: int, window: int, rows: int, key_rows: int,
+                             scale: float):
+  """One (image, window, head, block of `rows` window rows) program; see the module docstring.
+  refs: qkv, bias, [rel,] out."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plgpu
+
+  if len(refs) == 4:
+    qkv_ref, bias_ref, rel_ref, out_ref = refs
+  else:
+    (qkv_ref, bias_ref, out_ref), rel_ref = refs, None
+  tile = tile_side(window)
+  dtype = out_ref.dtype
+  chunks = head_dim_chunks(out_ref.shape[-1])
+  b, win, head, block = (pl.program_id(i) for i in range(4))
+  windows_per_row = -(-w // window)
+  y0 = (win // windows_per_row) * window
+  x0 = (win % windows_per_row) * window
+
+  # Queries: `rows` window rows of `tile` columns, flattened row-major.
+  qi = jnp.arange(rows * tile, dtype=jnp.int32)
+  q_row = block * rows + qi // tile
+  q_col = qi % tile
+  q_ok = (q_row < window) & (q_col < window) & (y0 + q_row < h) & (x0 + q_col < w)
+  # Masked query lanes point past the map: were they clamped onto it, two lanes of a store would
+  # share an address (harmless on the GPU, where masked lanes never touch memory, but an
+  # interpreted masked store writes back whatever it read there).
+  q_y = jnp.where(q_ok, y0 + q_row, h)
+  q_x = jnp.where(q_ok, x0 + q_col, w)
+  slot = jnp.arange(tile, dtype=jnp.int32)
+
+  def gather(part: int, ys, xs, ok, start: int, size: int):
+    """q/k/v channels [start, start + size) of the tokens (ys, xs); padding tokens get the bias
+    (zero for queries, whose padded rows are never stored)."""
+    ch = jnp.arange(start, start + size, dtype=jnp.int32)
+    x = plgpu.load(qkv_ref.at[b, ys[:, None], xs[:, None], part, head, ch[None, :]],
+                   mask=ok[:, None], other=0.0)
+    if part == 0:
+      return x
+    bias = plgpu.load(bias_ref.at[part, head, ch])
+    return jnp.where(ok[:, None], x, bias[None, :].astype(x.dtype))
+
+  # The scale multiplies in fp32 and rounds once, as the reference's bf16 `q * scale` does.
+  qs = [(gather(0, q_y, q_x, q_ok, start, size).astype(jnp.float32) * scale).astype(dtype)
+        for start, size in chunks]
+  q_ok2 = q_ok[:, None]
+  if rel_ref is not None:
+    # rel_h[t, r] = q_t . R_h[row(t) - r + window - 1], gathered from the products with every
+    # table row (`rel_pos_products`); likewise rel_w with columns, from the second table.
+    span = 2 * window - 1
+    at_query = (b, q_y[:, None], q_x[:, None], head)
+    rel_ok = q_ok2 & (slot[None, :] < window)
+    shift = window - 1 - slot[None, :]
+    rel_h = plgpu.load(rel_ref.at[at_query + (q_row[:, None] + shift,)], mask=rel_ok, other=0.0)
+    rel_w = plgpu.load(rel_ref.at[at_query + (span + q_col[:, None] + shift,)], mask=rel_ok,
+                       other=0.0)
+
+  def key_block(j, carry):
+    """Online softmax over keys `key_rows` window rows at a time (FlashAttention-2's loop)."""
+    accs, top, total = carry
+    ki = jnp.arange(key_rows * tile, dtype=jnp.int32)
+    k_row = j * key_rows + ki // tile
+    k_col = ki % tile
+    k_in_window = (k_row < window) & (k_col < window)
+    k_in_map = k_in_window & (y0 + k_row < h) & (x0 + k_col < w)
+    k_y = jnp.minimum(y0 + k_row, h - 1)
+    k_x = jnp.minimum(x0 + k_col, w - 1)
+    logits = None
+    for q, (start, size) in zip(qs, chunks):
+      part = _dot(q, gather(1, k_y, k_x, k_in_map, start, size), contract_b=1)
+      logits = part if logits is None else logits + part
+    if rel_ref is not None:
+      # rel_h[t, row(s)] + rel_w[t, col(s)] as products with one-hot key rows and columns
+      # (exact: one nonzero term per sum, accumulated in fp32).
+      logits += _dot(rel_h, (slot[:, None] == k_row[None, :]).astype(dtype))
+      logits += _dot(rel_w, (slot[:, None] == k_col[None, :]).astype(dtype))
+    logits = jnp.where(k_in_window[None, :], logits, _MASKED)
+    new_top = jnp.maximum(top, jnp.max(logits, axis=1))
+    rescale = jnp.exp(top - new_top)
+    probs = jnp.exp(logits - new_top[:, None])
+    total = total * rescale + jnp.sum(probs, axis=1)
+    probs = probs.astype(dtype)
+    accs = tuple(acc * rescale[:, None] + _dot(probs, gather(2, k_y, k_x, k_in_map, start, size))
+                 for acc, (start, size) in zip(accs, chunks))
+    return accs, new_top, total
+
+  m = rows * tile
+  init = (tuple(jnp.zeros((m, size), jnp.float32) for _, size in chunks),
+          jnp.full((m,), _MASKED, jnp.float32), jnp.zeros((m,), jnp.float32))
+  accs, _, total = jax.lax.fori_loop(0, -(-window // key_rows), key_block, init)
+  for acc, (start, size) in zip(accs, chunks):
+    ch = jnp.arange(start, start + size, dtype=jnp.int32)
+    plgpu.store(out_ref.at[b, q_y[:, None], q_x[:, None], head, ch[None, :]],
+                (acc / total[:, None]).astype(dtype), mask=q_ok2)
+
+
+@functools.partial(jax.jit, static_argnames=("window", "scale", "rows", "key_rows", "num_warps",
+                                             "num_stages", "interpret"))
+def window_attention(qkv: jax.Array, qkv_bias: jax.Array, rel: jax.Array | None, *,
+                     window: int, scale: float, rows: int = 8, key_rows: int = 2,
+                     num_warps: int = 4, num_stages: int = 4, interpret: bool | None = None
+                     ) -> jax.Array:
+  """Attention inside zero-padded `window` x `window` windows of a token map, as SAM's windowed
+  blocks compute it, without materialising the padded map or the windows.
+
+  Args:
+    qkv: [B, H, W, 3, N, D], the projections of the unpadded map, bias included.
+    qkv_bias: [3, N, D], the projection's bias (what a zero padding token projects to).
+    rel: [B, H, W, N, 2 * (2 * window - 1)] from `rel_pos_products`, or None without relative
+      positions.
+    window: window side; scale: the logit scale (D ** -0.5).
+    rows: window rows per program (the query block is rows * tile tokens); key_rows: window
+      rows of keys per step of the online softmax (both powers of two, capped at the tile); num_warps, num_stages: Triton launch
+      parameters (the defaults measured fastest for ViT-H on an H100,
+      `python -m eval.window_kernel_gpu`); interpret: run the kernel through JAX's interpreter
+      (default: where the backend is not a GPU).
+  Returns:
+    [B, H, W, N, D] attention output in qkv's dtype.
+  """
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plgpu
+
+  b, h, w, three, n, d = qkv.shape
+  tile = tile_side(window)
+  if three != 3 or qkv_bias.shape != (3, n, d):
+    raise ValueError(f"window_attention: qkv {qkv.shape} / bias {qkv_bias.shape} are not "
+                     f"[B, H, W, 3, N, D] / [3, N, D]")
+  rel = () if rel is None else (rel,)
+  if any(r.shape != (b, h, w, n, 2 * (2 * window - 1)) for r in rel):
+    raise ValueError(f"window_attention: rel products {[r.shape for r in rel]}; expected "
+                     f"{(b, h, w, n, 2 * (2 * window - 1))}")
+  rows, key_rows = min(rows, tile), min(key_rows, tile)     # small windows: one block of each
+  for name, r in (("rows", rows), ("key_rows", key_rows)):
+    if r & (r - 1) or r > tile:
+      raise ValueError(f"window_attention: {name} {r} must be a power of two <= the tile {tile}")
+  head_dim_chunks(d)   # raises for a head dim Triton cannot chunk
+  windows = -(-h // window) * -(-w // window)
+  grid = (b, windows, n, -(-window // rows))
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  kernel = functools.partial(_window_attention_kernel, h=h, w=w, window=window, rows=rows,
+                             key_rows=key_rows, scale=scale)
+  return pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((b, h, w, n, d), qkv.dtype), grid=grid,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret, name="sam_window_attention",
+  )(qkv, qkv_bias.astype(qkv.dtype), *rel)
