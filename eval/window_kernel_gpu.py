@@ -6,8 +6,8 @@ parameters, the relative-position tables and the qkv bias included (a padding ke
 1. accuracy: the block in bf16 with the Pallas kernel (`pallas_window`) and with the XLA/cuDNN
    path (`auto`: pad, cut windows, folded cuDNN flash attention, crop), each against the same block
    in fp32 with the reference's einsum attention (relative L2 and max abs error);
-2. tuning: the kernel alone for each `--configs` entry rows:key_rows:num_warps:num_stages
-   (median ms);
+2. tuning: the kernel and its relative-position products for each `--configs` entry
+   rows:key_rows:num_warps:num_stages:rel (median ms);
 3. time: the whole block and its attention part (norm1 -> qkv -> attention -> proj) with
    either path, at batch `--batch`.
 
@@ -46,8 +46,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
   p.add_argument("--out", required=True)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--repeats", type=int, default=20)
-  p.add_argument("--configs", default="8:4:4:4,8:2:4:4,8:4:4:3,16:4:8:4",
-                 help="comma-separated rows:key_rows:num_warps:num_stages launches to time")
+  p.add_argument("--configs", default="8:2:4:4:table,8:2:4:4:products,8:4:4:4:table,"
+                                      "8:2:4:3:table,16:2:8:4:table",
+                 help="comma-separated rows:key_rows:num_warps:num_stages:rel launches to time "
+                      "(rel: 'table', products in the kernel, or 'products', by XLA)")
   a = p.parse_args(argv)
   os.makedirs(a.out, exist_ok=True)
   cfg = common.bench_config(False).sam.image_encoder
@@ -84,20 +86,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
   blk16 = nnx.merge(graphdef, state16)
   qkv = jax.jit(lambda x: blk16.attn.qkv(blk16.norm1(x)))(x16)
   bias = blk16.attn.qkv.bias[...]
-  rel = jax.jit(lambda q: wk.rel_pos_products(q, blk16.attn.rel_pos_h[...],
-                                               blk16.attn.rel_pos_w[...], ws))(qkv[:, :, :, 0])
+  rel_h, rel_w = blk16.attn.rel_pos_h[...], blk16.attn.rel_pos_w[...]
   sync = jax.block_until_ready
   ref_out = None
   res["kernel_configs"] = []
   for spec in [s for s in a.configs.split(",") if s]:
-    rows, key_rows, warps, stages = (int(v) for v in spec.split(":"))
-    f = jax.jit(lambda *t, r=rows, kr=key_rows, nw=warps, ns=stages: wk.window_attention(
-        *t, window=ws, scale=attn.scale, rows=r, key_rows=kr, num_warps=nw, num_stages=ns))
-    row = dict(rows=rows, key_rows=key_rows, num_warps=warps, num_stages=stages)
+    *launch, mode = spec.split(":")
+    rows, key_rows, warps, stages = (int(v) for v in launch)
+
+    def f(qkv, bias, r=rows, kr=key_rows, nw=warps, ns=stages, mode=mode):
+      # The relative-position products are part of the cost: in the kernel ("table") or by XLA.
+      rel = (wk.rel_pos_table(rel_h, rel_w, ws, qkv.dtype) if mode == "table"
+             else wk.rel_pos_products(qkv[:, :, :, 0], rel_h, rel_w, ws))
+      return wk.window_attention(qkv, bias, rel, window=ws, scale=attn.scale, rows=r,
+                                 key_rows=kr, num_warps=nw, num_stages=ns)
+    f = jax.jit(f)
+    row = dict(rows=rows, key_rows=key_rows, num_warps=warps, num_stages=stages, rel=mode)
     try:
-      out = f(qkv, bias, rel)
+      out = f(qkv, bias)
       ref_out = out if ref_out is None else ref_out
-      row.update(common.median_ms(lambda: f(qkv, bias, rel), sync, a.repeats),
+      row.update(common.median_ms(lambda: f(qkv, bias), sync, a.repeats),
                  max_abs_vs_first=float(jnp.abs(out.astype(jnp.float32)
                                                 - ref_out.astype(jnp.float32)).max()))
       row["ms_per_image"] = row["ms"] / a.batch

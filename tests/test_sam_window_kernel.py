@@ -29,10 +29,11 @@ def _reference(qkv_no_bias, bias, rel_pos_h, rel_pos_w, window, scale):
 
 
 @pytest.mark.parametrize("h, w, window, d, rows, key_rows, rel", [
-    (10, 9, 4, 48, 2, 1, True),     # both sides pad; head dim in chunks of 32 + 16
-    (10, 9, 4, 48, 4, 4, True),     # one program per window, one key block
-    (7, 12, 7, 16, 8, 2, True),     # window 7 in a tile of 8: masked tile slack, rows past it
-    (6, 6, 3, 32, 2, 2, False),     # no relative positions
+    (10, 9, 4, 48, 2, 1, "table"),     # both sides pad; head dim in chunks of 32 + 16
+    (10, 9, 4, 48, 2, 1, "products"),  # the same with the table products from XLA
+    (10, 9, 4, 48, 4, 4, "table"),     # one program per window, one key block
+    (7, 12, 7, 16, 8, 2, "table"),     # window 7 in a tile of 8: masked tile slack, rows past it
+    (6, 6, 3, 32, 2, 2, None),         # no relative positions
 ])
 def test_kernel_matches_padded_windows(h, w, window, d, rows, key_rows, rel):
   rng = np.random.default_rng(window * 100 + d)
@@ -43,8 +44,11 @@ def test_kernel_matches_padded_windows(h, w, window, d, rows, key_rows, rel):
             for _ in range(2)]
   want = _reference(qkv, bias, *tables, window, scale)
   full = qkv + bias
-  products = wk.rel_pos_products(full[:, :, :, 0], *tables, window) if rel else None
-  got = wk.window_attention(full, bias, products, window=window, scale=scale, rows=rows,
+  if rel == "table":
+    rel = wk.rel_pos_table(*tables, window, jnp.float32)
+  elif rel == "products":
+    rel = wk.rel_pos_products(full[:, :, :, 0], *tables, window)
+  got = wk.window_attention(full, bias, rel, window=window, scale=scale, rows=rows,
                             key_rows=key_rows, interpret=True)
   assert got.shape == (2, h, w, n, d)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-5)
@@ -55,13 +59,14 @@ def test_rel_pos_products_resize_tables_like_get_rel_pos():
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.normal(size=(1, 4, 4, 1, 16)), jnp.float32)
   table = jnp.asarray(rng.normal(size=(11, 16)), jnp.float32)
-  got = wk.rel_pos_products(q, table, table, 4)                        # [1, 4, 4, 1, 14]
+  got = wk.rel_pos_products(q, table, table, 4)                        # [1, 4, 4, 1, 16]
   pairs = ie.get_rel_pos(4, 4, table)              # [4, 4, 16]: (i, j) is resized row i - j + 3
   resized = jnp.concatenate([pairs[:, 3], pairs[3, 2::-1]])           # rows 0..6
   want = jnp.einsum("bhwnd,rd->bhwnr", q, resized)
-  assert got.shape == (1, 4, 4, 1, 14)
+  assert got.shape == (1, 4, 4, 1, 16)                   # 2 * 7 rows, zero-padded to 16
   np.testing.assert_allclose(np.asarray(got[..., :7]), np.asarray(want), atol=1e-5)
-  np.testing.assert_allclose(np.asarray(got[..., 7:]), np.asarray(want), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got[..., 7:14]), np.asarray(want), atol=1e-5)
+  assert not np.asarray(got[..., 14:]).any()
 
 
 def test_kernel_rejects_what_it_cannot_tile():
@@ -72,7 +77,7 @@ def test_kernel_rejects_what_it_cannot_tile():
   qkv = jnp.zeros((1, 8, 8, 3, 1, 16))
   with pytest.raises(ValueError, match="rows 3 must be a power of two"):
     wk.window_attention(qkv, jnp.zeros((3, 1, 16)), None, window=4, scale=1.0, rows=3)
-  with pytest.raises(ValueError, match="rel products"):
+  with pytest.raises(ValueError, match=r"rel \(1, 8, 8, 1, 5\) is neither a table"):
     wk.window_attention(qkv, jnp.zeros((3, 1, 16)), jnp.zeros((1, 8, 8, 1, 5)), window=4,
                         scale=1.0)
   assert not wk.supported(jnp.float32, 80, 14)            # fp32: the XLA paths keep parity

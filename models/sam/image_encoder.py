@@ -334,8 +334,7 @@ class Block(nnx.Module):
             else jnp.zeros(qkv.shape[3:], qkv.dtype))
     rel = None
     if attn.use_rel_pos:
-      rel = window_kernel.rel_pos_products(qkv[:, :, :, 0], attn.rel_pos_h[...],
-                                           attn.rel_pos_w[...], ws)
+      rel = window_kernel.rel_pos_table(attn.rel_pos_h[...], attn.rel_pos_w[...], ws, qkv.dtype)
     return window_kernel.window_attention(qkv, bias, rel, window=ws, scale=attn.scale)
 
 

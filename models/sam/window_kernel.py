@@ -11,7 +11,8 @@ window rows):
     exactly what the reference's zero-padded tokens project to, and keys outside the window (the
     tile's power-of-two slack) are masked;
   * the decomposed relative-position bias is added as two small matmuls against one-hot key
-    rows/columns, gathered from products computed on the unpadded map (`rel_pos_products`);
+    rows/columns, gathered from each query's products with the stacked tables
+    (`rel_pos_table`), which the kernel computes itself (or XLA does: `rel_pos_products`);
   * softmax in fp32, online over blocks of key rows (FlashAttention-2's loop, pipelined by
     Triton across the blocks);
   * the output is scattered back to [B, H, W, N, D], so the crop and the inverse transpose vanish.
@@ -66,24 +67,37 @@ def supported(dtype, head_dim: int, window: int) -> bool:
   return head_dim % 16 == 0 and 2 <= window <= 16
 
 
-def rel_pos_products(q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array, window: int
-                     ) -> jax.Array:
-  """Every query's products with every row of the two relative-position tables, on the unpadded
-  map: the kernel gathers the reference's rel_h[t, r] = q_t . R_h[row(t) - r + window - 1] (and
-  rel_w likewise) from them, so no per-row table and no transpose is needed here.
-
-  Args:
-    q: unscaled queries [B, H, W, N, D] (with the qkv bias).
-    rel_pos_h, rel_pos_w: the block's tables [L, D], linearly resized to 2 * window - 1 rows when
-      L differs (as `get_rel_pos` does).
-  Returns:
-    [B, H, W, N, 2 * (2 * window - 1)] in q's dtype: the row-table products, then the column-table
-    products (accumulated in fp32 and rounded once, as the reference's bf16 einsum does).
-  """
+def rel_pos_table(rel_pos_h: jax.Array, rel_pos_w: jax.Array, window: int, dtype) -> jax.Array:
+  """The two relative-position tables of a windowed block stacked, [2 * span (+ zero rows up to a
+  power of two), D], span = 2 * window - 1: tables of another length are linearly resized to span
+  rows first, as `get_rel_pos` does. Row r of the first table pairs query row i with key row
+  i - r + window - 1; likewise the second table for columns."""
   span = 2 * window - 1
   tables = [t if t.shape[0] == span else resize_linear(t, span, axis=0)
             for t in (rel_pos_h, rel_pos_w)]
-  table = jnp.concatenate(tables, axis=0).astype(q.dtype)                  # [2 * span, D]
+  table = jnp.concatenate(tables, axis=0).astype(dtype)                  # [2 * span, D]
+  return jnp.pad(table, ((0, _products_width(window) - 2 * span), (0, 0)))
+
+
+def _products_width(window: int) -> int:
+  """Columns of the per-query products with `rel_pos_table` (a power of two >= 2 * span)."""
+  return tile_side(2 * (2 * window - 1))
+
+
+def rel_pos_products(q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array, window: int
+                     ) -> jax.Array:
+  """Every query's products with every row of `rel_pos_table`, computed by XLA on the unpadded
+  map (the kernel's other mode computes them itself): the kernel gathers the reference's
+  rel_h[t, r] = q_t . R_h[row(t) - r + window - 1] (and rel_w likewise) from them.
+
+  Args:
+    q: unscaled queries [B, H, W, N, D] (with the qkv bias).
+    rel_pos_h, rel_pos_w: the block's tables [L, D].
+  Returns:
+    [B, H, W, N, P] in q's dtype (accumulated in fp32 and rounded once, as the reference's bf16
+    einsum does), P = `_products_width(window)`.
+  """
+  table = rel_pos_table(rel_pos_h, rel_pos_w, window, q.dtype)
   out = jnp.einsum("bhwnd,rd->bhwnr", q, table, preferred_element_type=jnp.float32)
   return out.astype(q.dtype)
 
@@ -95,16 +109,20 @@ def _dot(a: jax.Array, b: jax.Array, contract_b: int = 0) -> jax.Array:
 
 
 def _window_attention_kernel(*refs, h: int, w: int, window: int, rows: int, key_rows: int,
-                             scale: float):
+                             scale: float, rel_mode: str | None, compiled: bool):
   """One (image, window, head, block of `rows` window rows) program; see the module docstring.
-  refs: qkv, bias, [rel,] out."""
+  refs: qkv, bias, then by `rel_mode`: None: out; "products": products, out; "table": table, out,
+  products (an output the kernel writes and reads back). `compiled`: False when interpreted."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plgpu
 
-  if len(refs) == 4:
+  table_ref = None
+  if rel_mode is None:
+    (qkv_ref, bias_ref, out_ref), rel_ref = refs, None
+  elif rel_mode == "products":
     qkv_ref, bias_ref, rel_ref, out_ref = refs
   else:
-    (qkv_ref, bias_ref, out_ref), rel_ref = refs, None
+    qkv_ref, bias_ref, table_ref, out_ref, rel_ref = refs
   tile = tile_side(window)
   dtype = out_ref.dtype
   chunks = head_dim_chunks(out_ref.shape[-1])
@@ -136,13 +154,29 @@ def _window_attention_kernel(*refs, h: int, w: int, window: int, rows: int, key_
     bias = plgpu.load(bias_ref.at[part, head, ch])
     return jnp.where(ok[:, None], x, bias[None, :].astype(x.dtype))
 
+  q_raw = [gather(0, q_y, q_x, q_ok, start, size) for start, size in chunks]
   # The scale multiplies in fp32 and rounds once, as the reference's bf16 `q * scale` does.
-  qs = [(gather(0, q_y, q_x, q_ok, start, size).astype(jnp.float32) * scale).astype(dtype)
-        for start, size in chunks]
+  qs = [(q.astype(jnp.float32) * scale).astype(dtype) for q in q_raw]
   q_ok2 = q_ok[:, None]
+  if table_ref is not None:
+    # This program's queries times every table row, rounded once (the reference's bf16 einsum),
+    # parked in the products output and gathered back below: a barrier orders the store before
+    # the loads of other threads of this program; no other program reads these rows.
+    width = table_ref.shape[0]
+    products = None
+    for q, (start, size) in zip(q_raw, chunks):
+      ch = jnp.arange(start, start + size, dtype=jnp.int32)
+      part = _dot(q, plgpu.load(table_ref.at[jnp.arange(width)[:, None], ch[None, :]]),
+                  contract_b=1)
+      products = part if products is None else products + part
+    columns = jnp.arange(width, dtype=jnp.int32)
+    plgpu.store(rel_ref.at[b, q_y[:, None], q_x[:, None], head, columns[None, :]],
+                products.astype(dtype), mask=q_ok2)
+    if compiled:        # the interpreter runs one program's lanes in order anyway
+      plgpu.debug_barrier()
   if rel_ref is not None:
     # rel_h[t, r] = q_t . R_h[row(t) - r + window - 1], gathered from the products with every
-    # table row (`rel_pos_products`); likewise rel_w with columns, from the second table.
+    # table row; likewise rel_w with columns, from the second table.
     span = 2 * window - 1
     at_query = (b, q_y[:, None], q_x[:, None], head)
     rel_ok = q_ok2 & (slot[None, :] < window)
@@ -202,14 +236,14 @@ def window_attention(qkv: jax.Array, qkv_bias: jax.Array, rel: jax.Array | None,
   Args:
     qkv: [B, H, W, 3, N, D], the projections of the unpadded map, bias included.
     qkv_bias: [3, N, D], the projection's bias (what a zero padding token projects to).
-    rel: [B, H, W, N, 2 * (2 * window - 1)] from `rel_pos_products`, or None without relative
-      positions.
+    rel: the relative positions: `rel_pos_table` [P, D] (the kernel multiplies its queries with
+      it), its products with every query from `rel_pos_products` [B, H, W, N, P], or None.
     window: window side; scale: the logit scale (D ** -0.5).
     rows: window rows per program (the query block is rows * tile tokens); key_rows: window
-      rows of keys per step of the online softmax (both powers of two, capped at the tile); num_warps, num_stages: Triton launch
-      parameters (the defaults measured fastest for ViT-H on an H100,
-      `python -m eval.window_kernel_gpu`); interpret: run the kernel through JAX's interpreter
-      (default: where the backend is not a GPU).
+      rows of keys per step of the online softmax (both powers of two, capped at the tile);
+      num_warps, num_stages: Triton launch parameters (the defaults measured fastest for ViT-H
+      on an H100, `python -m eval.window_kernel_gpu`); interpret: run the kernel through JAX's
+      interpreter (default: where the backend is not a GPU).
   Returns:
     [B, H, W, N, D] attention output in qkv's dtype.
   """
@@ -221,10 +255,18 @@ def window_attention(qkv: jax.Array, qkv_bias: jax.Array, rel: jax.Array | None,
   if three != 3 or qkv_bias.shape != (3, n, d):
     raise ValueError(f"window_attention: qkv {qkv.shape} / bias {qkv_bias.shape} are not "
                      f"[B, H, W, 3, N, D] / [3, N, D]")
-  rel = () if rel is None else (rel,)
-  if any(r.shape != (b, h, w, n, 2 * (2 * window - 1)) for r in rel):
-    raise ValueError(f"window_attention: rel products {[r.shape for r in rel]}; expected "
-                     f"{(b, h, w, n, 2 * (2 * window - 1))}")
+  width = _products_width(window)
+  out_shapes = [jax.ShapeDtypeStruct((b, h, w, n, d), qkv.dtype)]
+  if rel is None:
+    rel_mode, rel = None, ()
+  elif rel.shape == (width, d):
+    rel_mode, rel = "table", (rel.astype(qkv.dtype),)
+    out_shapes.append(jax.ShapeDtypeStruct((b, h, w, n, width), qkv.dtype))
+  elif rel.shape == (b, h, w, n, width):
+    rel_mode, rel = "products", (rel,)
+  else:
+    raise ValueError(f"window_attention: rel {rel.shape} is neither a table {(width, d)} nor "
+                     f"products {(b, h, w, n, width)}")
   rows, key_rows = min(rows, tile), min(key_rows, tile)     # small windows: one block of each
   for name, r in (("rows", rows), ("key_rows", key_rows)):
     if r & (r - 1) or r > tile:
@@ -235,9 +277,11 @@ def window_attention(qkv: jax.Array, qkv_bias: jax.Array, rel: jax.Array | None,
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   kernel = functools.partial(_window_attention_kernel, h=h, w=w, window=window, rows=rows,
-                             key_rows=key_rows, scale=scale)
-  return pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((b, h, w, n, d), qkv.dtype), grid=grid,
+                             key_rows=key_rows, scale=scale, rel_mode=rel_mode,
+                             compiled=not interpret)
+  outs = pl.pallas_call(
+      kernel, out_shape=out_shapes, grid=grid,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret, name="sam_window_attention",
   )(qkv, qkv_bias.astype(qkv.dtype), *rel)
+  return outs[0]
