@@ -160,9 +160,9 @@ def test_block_matches_reference_on_non_square_maps(window, input_size, hw, impl
   np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("impl", ["auto", "xla_folded", "pallas_window"])
+@pytest.mark.parametrize("impl", ["auto", "xla_folded", "pallas_window", "pallas"])
 def test_image_encoder_matches_reference_with_window_padding(impl, monkeypatch):
-  if impl == "pallas_window":
+  if impl.startswith("pallas"):
     # The kernel compiles only on an NVIDIA GPU; here it runs through JAX's Pallas interpreter.
     monkeypatch.setattr(j_ie.window_kernel, "supported", lambda *a: True)
   c = dataclasses.replace(TINY.image_encoder, attention_impl=impl)
@@ -177,13 +177,25 @@ def test_image_encoder_matches_reference_with_window_padding(impl, monkeypatch):
   np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
 
 
-def test_attention_impl_resolution_and_folded_widths():
+def test_attention_impl_resolution_and_folded_widths(monkeypatch):
   # On the CPU "auto" is the XLA bias path; the folded head dims of ViT-H (80 + 14 + 14 -> 112 for
   # windows, 80 + 64 + 64 = 208 for global blocks) are what cuDNN gets on a GPU.
   assert j_ie.resolve_attention_impl("auto", jnp.bfloat16, 80, (14, 14), True) == "xla_bias"
-  # The windowed kernel needs a GPU; elsewhere "pallas_window" resolves as "auto".
-  assert j_ie.resolve_attention_impl("pallas_window", jnp.bfloat16, 80, (14, 14), True,
-                                     windowed=True) == "xla_bias"
+  # The Pallas kernel needs a GPU; elsewhere "pallas_window" and "pallas" resolve as "auto".
+  for impl in ("pallas_window", "pallas"):
+    assert j_ie.resolve_attention_impl(impl, jnp.bfloat16, 80, (14, 14), True,
+                                       windowed=True) == "xla_bias"
+  # Where it compiles: windows by default, global blocks (square maps) only with "pallas".
+  monkeypatch.setattr(j_ie.window_kernel, "supported", lambda *a: True)
+  resolve = j_ie.resolve_attention_impl
+  assert resolve("auto", jnp.bfloat16, 80, (14, 14), True, windowed=True) == "pallas"
+  assert resolve("auto", jnp.bfloat16, 80, (64, 64), True) == "xla_bias"
+  assert resolve("pallas_window", jnp.bfloat16, 80, (64, 64), True) == "xla_bias"
+  assert resolve("pallas", jnp.bfloat16, 80, (64, 64), True) == "pallas"
+  assert resolve("pallas", jnp.bfloat16, 80, (64, 48), True) == "xla_bias"
+  assert resolve("cudnn_folded", jnp.bfloat16, 80, (14, 14), True, windowed=True) == (
+      "cudnn_folded")
+  monkeypatch.undo()
   assert j_ie.resolve_attention_impl("cudnn_bias", jnp.float32, 80, (14, 14), True) == "cudnn_bias"
   assert cudnn.flash_head_dim_limit(jnp.float32) == 0
   assert j_ie.resolve_attention_impl("cudnn_mixed", jnp.bfloat16, 80, (14, 14), True) == (

@@ -29,11 +29,14 @@ def _reference(qkv_no_bias, bias, rel_pos_h, rel_pos_w, window, scale):
 
 
 @pytest.mark.parametrize("h, w, window, d, rows, key_rows, rel", [
-    (10, 9, 4, 48, 2, 1, "table"),     # both sides pad; head dim in chunks of 32 + 16
+    (10, 9, 4, 48, 2, 1, "table"),     # both sides pad; head dim in chunks of 32 + 16; one key
+                                       # row per step (the bias broadcast, not one-hot matmuls)
     (10, 9, 4, 48, 2, 1, "products"),  # the same with the table products from XLA
-    (10, 9, 4, 48, 4, 4, "table"),     # one program per window, one key block
+    (10, 9, 4, 48, 4, 4, "table"),     # one program per window, one key block (one-hot bias)
     (7, 12, 7, 16, 8, 2, "table"),     # window 7 in a tile of 8: masked tile slack, rows past it
     (6, 6, 3, 32, 2, 2, None),         # no relative positions
+    (8, 8, 8, 32, 2, 1, "table"),      # a global block: the whole map as one window
+    (8, 8, 8, 32, 4, 2, "table"),      # ... with two key rows per step (one-hot bias path)
 ])
 def test_kernel_matches_padded_windows(h, w, window, d, rows, key_rows, rel):
   rng = np.random.default_rng(window * 100 + d)

@@ -10,14 +10,15 @@ from __future__ import annotations
 import dataclasses
 
 # How the image encoder's attention is computed (`models.sam.image_encoder.Attention`); every
-# choice computes the same maths. "auto" runs the windowed blocks as one Pallas kernel on the
-# unpadded map where it compiles ("pallas_window": `models.sam.window_kernel`, NVIDIA GPU, 16-bit)
-# and other attention as "cudnn_folded" where cuDNN flash attention takes the shapes (NVIDIA GPU,
+# choice computes the same maths. "pallas" runs attention as one Pallas kernel on the unpadded map
+# where it compiles (`models.sam.window_kernel`: NVIDIA GPU, 16-bit; a global block is one
+# window), "pallas_window" only in windowed blocks; "auto" is "pallas_window"; attention not run by
+# the kernel is "cudnn_folded" where cuDNN flash attention takes the shapes (NVIDIA GPU,
 # bf16/fp16, folded head dim within cuDNN's limit), "xla_bias" elsewhere; "cudnn_mixed" folds
 # where that widens the heads by at most half (ViT-H's 14x14 windows) and passes a bias
 # elsewhere (its 64x64 global blocks).
 SAM_ATTENTION_IMPLS = ("auto", "einsum", "xla_bias", "xla_folded", "cudnn_bias", "cudnn_folded",
-                       "cudnn_mixed", "pallas_window")
+                       "cudnn_mixed", "pallas_window", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)

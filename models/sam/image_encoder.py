@@ -168,15 +168,17 @@ def fold_rel_pos(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array, rel
 def resolve_attention_impl(impl: str, dtype, head_dim: int, grid: tuple[int, int],
                            use_rel_pos: bool, *, windowed: bool = False) -> str:
   """The concrete attention path for `impl` (see `SAM_ATTENTION_IMPLS`) on a `grid` token map
-  (a window when `windowed`): "auto" and "pallas_window" are the whole-block kernel for windows
-  where it compiles (`window_kernel.supported`: NVIDIA GPU, 16-bit); otherwise "auto" is
-  "cudnn_folded" where cuDNN flash takes the folded head dim, else "xla_bias"; "cudnn_mixed" is "cudnn_folded" where folding widens the heads by at most
-  half, else "cudnn_bias" (folding costs attention FLOPs in proportion to the width, a bias costs
-  an O(T^2) tensor in memory: cheap for 14x14 windows, 537 MB per image and global block at
-  64x64)."""
-  if impl in ("auto", "pallas_window"):
-    if windowed and window_kernel.supported(dtype, head_dim, grid[0]) and grid[0] == grid[1]:
-      return "pallas_window"
+  (a window when `windowed`): "pallas", the kernel of `models.sam.window_kernel`, for windows
+  with "auto" and "pallas_window" and for every square map with "pallas", where the kernel
+  compiles (`window_kernel.supported`: NVIDIA GPU, 16-bit); otherwise "auto" is "cudnn_folded"
+  where cuDNN flash takes the folded head dim, else "xla_bias"; "cudnn_mixed" is "cudnn_folded"
+  where folding widens the heads by at most half, else "cudnn_bias" (folding costs attention
+  FLOPs in proportion to the width, a bias costs an O(T^2) tensor in memory: cheap for 14x14
+  windows, 537 MB per image and global block at 64x64)."""
+  if impl in ("auto", "pallas_window", "pallas"):
+    kernel_runs = grid[0] == grid[1] and window_kernel.supported(dtype, head_dim, grid[0])
+    if kernel_runs and (windowed or impl == "pallas"):
+      return "pallas"
     impl = "auto"
   if impl not in ("auto", "cudnn_mixed"):
     return impl
@@ -201,7 +203,8 @@ class Attention(nnx.Module):
       in fp32 (XLA) or inside cuDNN's flash kernel.
     xla_folded / cudnn_folded: the relative-position term folded into wider q/k heads
       (`fold_rel_pos`): no bias tensor, so cuDNN's flash kernel never reads an O(T^2) array.
-    auto, cudnn_mixed: resolved per call by `resolve_attention_impl`.
+    pallas: `kernel_attention`, one Pallas kernel from the unpadded qkv map to the output.
+    auto, cudnn_mixed, pallas_window: resolved per call by `resolve_attention_impl`.
 
   Args:
     rel_size: (H, W) the relative-position tables are sized for (window or full grid).
@@ -226,7 +229,24 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, dim] -> [B, H, W, dim]."""
+    b, h, w, _ = x.shape
+    if resolve_attention_impl(self.impl, x.dtype, self.head_dim, (h, w),
+                              self.use_rel_pos) == "pallas":
+      return self.proj(self.kernel_attention(x, h))       # the whole map as one window
     return self.proj(self.attend(self.qkv(x)))
+
+  def kernel_attention(self, x: jax.Array, window: int) -> jax.Array:
+    """Attention inside `window` x `window` windows of the unpadded map (zero padding at the
+    bottom/right, as the reference pads) by one Pallas kernel; a padding token is the qkv bias
+    inside the kernel. x: [B, H, W, dim] -> [B, H, W, N, D], before `proj`."""
+    qkv = self.qkv(x)                                               # [B, H, W, 3, N, D]
+    bias = (self.qkv.bias[...] if self.qkv.bias is not None
+            else jnp.zeros(qkv.shape[3:], qkv.dtype))
+    rel = None
+    if self.use_rel_pos:
+      rel = window_kernel.rel_pos_table(self.rel_pos_h[...], self.rel_pos_w[...], window,
+                                        qkv.dtype)
+    return window_kernel.window_attention(qkv, bias, rel, window=window, scale=self.scale)
 
   def attend(self, qkv: jax.Array) -> jax.Array:
     """The attention between the two projections: qkv [B, H, W, 3, N, D] -> [B, H, W, N, D]."""
@@ -312,8 +332,8 @@ class Block(nnx.Module):
     attn = self.attn
     ws = self.window_size
     if resolve_attention_impl(attn.impl, x.dtype, attn.head_dim, (ws, ws), attn.use_rel_pos,
-                              windowed=True) == "pallas_window":
-      return attn.proj(self._window_kernel_attention(x))
+                              windowed=True) == "pallas":
+      return attn.proj(attn.kernel_attention(x, ws))
     qkv = attn.qkv(x, add_bias=False)                               # [B, H, W, 3, N, D]
     head_shape = qkv.shape[3:]
     windows, pad_hw = window_partition(qkv.reshape(b, h, w, -1), self.window_size)
@@ -323,19 +343,6 @@ class Block(nnx.Module):
     out = attn.attend(windows)                                      # [B * nW, ws, ws, N, D]
     out = window_unpartition(out.reshape(out.shape[:3] + (-1,)), self.window_size, pad_hw, (h, w))
     return attn.proj(out.reshape(b, h, w, *head_shape[1:]))
-
-  def _window_kernel_attention(self, x: jax.Array) -> jax.Array:
-    """The same windowed attention as one Pallas kernel on the unpadded map (a padding token is
-    the qkv bias inside the kernel): x [B, H, W, dim] -> [B, H, W, N, D], before `proj`."""
-    attn = self.attn
-    ws = self.window_size
-    qkv = attn.qkv(x)                                               # [B, H, W, 3, N, D]
-    bias = (attn.qkv.bias[...] if attn.qkv.bias is not None
-            else jnp.zeros(qkv.shape[3:], qkv.dtype))
-    rel = None
-    if attn.use_rel_pos:
-      rel = window_kernel.rel_pos_table(attn.rel_pos_h[...], attn.rel_pos_w[...], ws, qkv.dtype)
-    return window_kernel.window_attention(qkv, bias, rel, window=ws, scale=attn.scale)
 
 
 class ImageEncoder(nnx.Module):

@@ -58,13 +58,13 @@ def head_dim_chunks(head_dim: int) -> tuple[tuple[int, int], ...]:
 
 def supported(dtype, head_dim: int, window: int) -> bool:
   """Whether the compiled kernel runs here: a CUDA GPU (Triton), a 16-bit dtype, a head dim that
-  splits into Triton-sized chunks and a window whose tile keeps the logits in registers (side <=
-  16, the ViT-H/L/B windows of 14)."""
+  splits into Triton-sized chunks and a window of side <= 64 (ViT-H/L/B's 14x14 windows, and
+  their 64x64 maps attended globally as one window)."""
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return False
   if jax.default_backend() != "gpu" or not getattr(jax.devices()[0], "compute_capability", None):
     return False
-  return head_dim % 16 == 0 and 2 <= window <= 16
+  return head_dim % 16 == 0 and 2 <= window <= 64
 
 
 def rel_pos_table(rel_pos_h: jax.Array, rel_pos_w: jax.Array, window: int, dtype) -> jax.Array:
@@ -181,9 +181,13 @@ def _window_attention_kernel(*refs, h: int, w: int, window: int, rows: int, key_
     at_query = (b, q_y[:, None], q_x[:, None], head)
     rel_ok = q_ok2 & (slot[None, :] < window)
     shift = window - 1 - slot[None, :]
-    rel_h = plgpu.load(rel_ref.at[at_query + (q_row[:, None] + shift,)], mask=rel_ok, other=0.0)
     rel_w = plgpu.load(rel_ref.at[at_query + (span + q_col[:, None] + shift,)], mask=rel_ok,
                        other=0.0)
+    if key_rows > 1:
+      rel_h = plgpu.load(rel_ref.at[at_query + (q_row[:, None] + shift,)], mask=rel_ok,
+                         other=0.0)
+    else:
+      rel_w = rel_w.astype(jnp.float32)   # added to every step's logits as it is
 
   def key_block(j, carry):
     """Online softmax over keys `key_rows` window rows at a time (FlashAttention-2's loop)."""
@@ -199,11 +203,17 @@ def _window_attention_kernel(*refs, h: int, w: int, window: int, rows: int, key_
     for q, (start, size) in zip(qs, chunks):
       part = _dot(q, gather(1, k_y, k_x, k_in_map, start, size), contract_b=1)
       logits = part if logits is None else logits + part
-    if rel_ref is not None:
+    if rel_ref is not None and key_rows > 1:
       # rel_h[t, row(s)] + rel_w[t, col(s)] as products with one-hot key rows and columns
       # (exact: one nonzero term per sum, accumulated in fp32).
       logits += _dot(rel_h, (slot[:, None] == k_row[None, :]).astype(dtype))
       logits += _dot(rel_w, (slot[:, None] == k_col[None, :]).astype(dtype))
+    elif rel_ref is not None:
+      # One key row j per step: its keys are the tile's columns in order, so the column term is
+      # rel_w itself and the row term one column, rel_h[t, j], read from the products.
+      rel_h_j = plgpu.load(rel_ref.at[b, q_y, q_x, head, q_row + (window - 1) - j],
+                           mask=q_ok & (j < window), other=0.0)
+      logits += rel_w + rel_h_j.astype(jnp.float32)[:, None]
     logits = jnp.where(k_in_window[None, :], logits, _MASKED)
     new_top = jnp.maximum(top, jnp.max(logits, axis=1))
     rescale = jnp.exp(top - new_top)
@@ -224,12 +234,17 @@ def _window_attention_kernel(*refs, h: int, w: int, window: int, rows: int, key_
                 (acc / total[:, None]).astype(dtype), mask=q_ok2)
 
 
-@functools.partial(jax.jit, static_argnames=("window", "scale", "rows", "key_rows", "num_warps",
-                                             "num_stages", "interpret"))
+def default_launch(window: int) -> dict:
+  """Launch parameters measured fastest on an H100 (`python -m eval.window_kernel_gpu`): ViT-H's
+  14x14 windows, and a 64x64 map attended globally as one window."""
+  if tile_side(window) <= 16:
+    return dict(rows=8, key_rows=2, num_warps=4, num_stages=4)
+  return dict(rows=2, key_rows=1, num_warps=8, num_stages=3)
+
+
 def window_attention(qkv: jax.Array, qkv_bias: jax.Array, rel: jax.Array | None, *,
-                     window: int, scale: float, rows: int = 8, key_rows: int = 2,
-                     num_warps: int = 4, num_stages: int = 4, interpret: bool | None = None
-                     ) -> jax.Array:
+                     window: int, scale: float, interpret: bool | None = None,
+                     **launch) -> jax.Array:
   """Attention inside zero-padded `window` x `window` windows of a token map, as SAM's windowed
   blocks compute it, without materialising the padded map or the windows.
 
@@ -238,35 +253,49 @@ def window_attention(qkv: jax.Array, qkv_bias: jax.Array, rel: jax.Array | None,
     qkv_bias: [3, N, D], the projection's bias (what a zero padding token projects to).
     rel: the relative positions: `rel_pos_table` [P, D] (the kernel multiplies its queries with
       it), its products with every query from `rel_pos_products` [B, H, W, N, P], or None.
-    window: window side; scale: the logit scale (D ** -0.5).
-    rows: window rows per program (the query block is rows * tile tokens); key_rows: window
-      rows of keys per step of the online softmax (both powers of two, capped at the tile);
-      num_warps, num_stages: Triton launch parameters (the defaults measured fastest for ViT-H
-      on an H100, `python -m eval.window_kernel_gpu`); interpret: run the kernel through JAX's
-      interpreter (default: where the backend is not a GPU).
+    window: window side (the map's side for global attention); scale: the logit scale.
+    interpret: run the kernel through JAX's interpreter (default: where the backend is not a
+      GPU).
+    launch: overrides of `default_launch(window)`: rows, window rows per program (the query
+      block is rows * tile tokens); key_rows, window rows of keys per step of the online softmax
+      (both powers of two, capped at the tile); num_warps, num_stages (Triton).
   Returns:
     [B, H, W, N, D] attention output in qkv's dtype.
   """
-  from jax.experimental import pallas as pl
-  from jax.experimental.pallas import triton as plgpu
-
   b, h, w, three, n, d = qkv.shape
-  tile = tile_side(window)
   if three != 3 or qkv_bias.shape != (3, n, d):
     raise ValueError(f"window_attention: qkv {qkv.shape} / bias {qkv_bias.shape} are not "
                      f"[B, H, W, 3, N, D] / [3, N, D]")
   width = _products_width(window)
+  if rel is not None and rel.shape not in ((width, d), (b, h, w, n, width)):
+    raise ValueError(f"window_attention: rel {rel.shape} is neither a table {(width, d)} nor "
+                     f"products {(b, h, w, n, width)}")
+  unknown = set(launch) - {"rows", "key_rows", "num_warps", "num_stages"}
+  if unknown:
+    raise TypeError(f"window_attention: unknown launch parameters {sorted(unknown)}")
+  launch = {**default_launch(window), **launch}
+  return _window_attention(qkv, qkv_bias, rel, window=window, scale=scale, interpret=interpret,
+                           **launch)
+
+
+@functools.partial(jax.jit, static_argnames=("window", "scale", "rows", "key_rows", "num_warps",
+                                             "num_stages", "interpret"))
+def _window_attention(qkv, qkv_bias, rel, *, window, scale, rows, key_rows, num_warps,
+                      num_stages, interpret):
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plgpu
+
+  b, h, w, _, n, d = qkv.shape
+  tile = tile_side(window)
+  width = _products_width(window)
   out_shapes = [jax.ShapeDtypeStruct((b, h, w, n, d), qkv.dtype)]
   if rel is None:
     rel_mode, rel = None, ()
-  elif rel.shape == (width, d):
+  elif rel.ndim == 2:
     rel_mode, rel = "table", (rel.astype(qkv.dtype),)
     out_shapes.append(jax.ShapeDtypeStruct((b, h, w, n, width), qkv.dtype))
-  elif rel.shape == (b, h, w, n, width):
-    rel_mode, rel = "products", (rel,)
   else:
-    raise ValueError(f"window_attention: rel {rel.shape} is neither a table {(width, d)} nor "
-                     f"products {(b, h, w, n, width)}")
+    rel_mode, rel = "products", (rel,)
   rows, key_rows = min(rows, tile), min(key_rows, tile)     # small windows: one block of each
   for name, r in (("rows", rows), ("key_rows", key_rows)):
     if r & (r - 1) or r > tile:
