@@ -333,13 +333,17 @@ def _prefill_mask(llm, embeds, positions, valid, visual_mask, plan: PrunePlan, m
   return tuple(caches), index, hidden, tuple(stage_next_pos), lengths
 
 
-def _decode_step(llm, token, caches, next_pos, lengths, step):
-  """One token through every stage: [B] ids -> (final-norm hidden [B, D], new caches)."""
+def _decode_step(llm, token, caches, next_pos, lengths, step, last_step=None):
+  """One token through every stage: [B] ids -> (final-norm hidden [B, D], new caches).
+
+  `last_step` (static): a bound on `step`; attention then reads only the cache slots steps up
+  to it can have written (stage prompt length + last_step - 1)."""
   x = llm.embed(token[:, None])
   new_caches = []
   for (start, end), cache, pos, t_s in zip(_bounds(caches), caches, next_pos, lengths):
+    limit = None if last_step is None else t_s + last_step
     x, cache = llm.run_layers(x, (pos + step - 1)[:, None], start, end, cache=cache,
-                              cache_write_index=t_s + step - 1)
+                              cache_write_index=t_s + step - 1, key_limit=limit)
     new_caches.append(cache)
   return llm.final_norm(x)[:, 0], tuple(new_caches)
 
@@ -388,12 +392,9 @@ def generate_fn(llm, embeds, valid, visual_mask, rng, positions=None, *, plan: P
   state = _LoopState(step=jnp.int32(1), tokens=tokens, hidden=hidden, done=done, logits=logits0,
                      caches=caches, next_pos=next_pos, rng=rng)
 
-  def cond(s):
-    return (s.step < max_new) & ~jnp.all(s.done)
-
-  def body(s):
+  def body(s, last_step):
     prev = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1, keepdims=False)
-    h, caches = _decode_step(llm, prev, s.caches, s.next_pos, lengths, s.step)
+    h, caches = _decode_step(llm, prev, s.caches, s.next_pos, lengths, s.step, last_step)
     logits = llm.logits(h[:, None])[:, 0]
     rng, sub = jax.random.split(s.rng)
     tok = jnp.where(s.done, sampler.pad_id, _sample(logits, sub, sampler))
@@ -404,11 +405,32 @@ def generate_fn(llm, embeds, valid, visual_mask, rng, positions=None, *, plan: P
     return _LoopState(step=s.step + 1, tokens=tokens, hidden=hidden, done=done, logits=logits,
                       caches=caches, next_pos=s.next_pos, rng=rng)
 
-  state = jax.lax.while_loop(cond, body, state)
+  # Steps 1 .. max_new - 1 in a few phases, each its own loop with a static bound on the cache
+  # slots its steps can see: a step reads the KV cache up to its phase's end rather than the
+  # whole buffer (decode is bound by reading the cache). The phases run back to back; a finished
+  # batch leaves every remaining loop at once.
+  for _, last in _decode_phases(max_new):
+    state = jax.lax.while_loop(
+        lambda s, last=last: (s.step <= last) & ~jnp.all(s.done),
+        functools.partial(body, last_step=last), state)
   is_eos = sampler.is_stop(state.tokens)
   first_eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, state.step)
   return GenerationOutput(tokens=state.tokens, lengths=first_eos.astype(jnp.int32),
                           hidden=state.hidden, keep_index=index)
+
+
+# Decode loops per generation: more phases read less of the cache's empty tail (4 of 64 steps
+# read ~3% fewer slots than one loop at a 640-token prompt) at the cost of one more loop body to
+# compile each.
+DECODE_PHASES = 4
+
+
+def _decode_phases(max_new: int, phases: int = DECODE_PHASES) -> list[tuple[int, int]]:
+  """Inclusive step ranges (first, last) splitting decode steps 1 .. max_new - 1 evenly."""
+  steps = max_new - 1
+  n = min(phases, steps)
+  edges = [1 + steps * i // n for i in range(n + 1)] if n > 0 else []
+  return [(lo, hi - 1) for lo, hi in zip(edges[:-1], edges[1:])]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan", "sampler"))

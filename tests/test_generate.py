@@ -174,3 +174,17 @@ def test_plan_validation():
   plan = gen.PrunePlan.pdrop(576, altp_jax.default_schedule(32))
   assert plan.average_visual_retention() == pytest.approx(
       altp_jax.default_schedule(32).average_retention(576))
+
+
+def test_decode_phases_cover_every_step_once():
+  # Each phase's loop reads the cache only up to its last step's slot (`key_limit`); the
+  # uncached-reference test above runs 5 steps in 4 such phases.
+  assert gen._decode_phases(64) == [(1, 15), (16, 31), (32, 47), (48, 63)]
+  assert gen._decode_phases(6) == [(1, 1), (2, 2), (3, 3), (4, 5)]
+  assert gen._decode_phases(1) == []
+  llm = _model(num_layers=1)
+  cache = llm.init_cache(1, 8)
+  x = llm.embed(jnp.zeros((1, 1), jnp.int32))
+  with pytest.raises(ValueError, match="key_limit 9 outside a cache of 8 slots"):
+    llm.run_layers(x, jnp.zeros((1, 1), jnp.int32), cache=cache, cache_write_index=0,
+                   key_limit=9)

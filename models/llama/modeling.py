@@ -115,11 +115,11 @@ class LlamaAttention(nnx.Module):
     q, k, _ = self._qkv(x)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-  def __call__(self, x, cos, sin, mask, kv=None, write_index=None, prefix=False):
+  def __call__(self, x, cos, sin, mask, kv=None, write_index=None, prefix=False, key_limit=None):
     """x [B,T,D] (normalised); mask [B,1,T,S] bool; kv: None or (k, v) buffers [B,S,Hkv,Dh] with
     write_index [B]; prefix (static): the new tokens sit at slots [0, T) (no cache, or written at
-    the static index 0). Returns (out [B,T,D], new (k, v) buffers or None, (q, k) of the new
-    tokens)."""
+    the static index 0); key_limit (static int or None): attend over slots [0, key_limit) only.
+    Returns (out [B,T,D], new (k, v) buffers or None, (q, k) of the new tokens)."""
     b, t, _ = x.shape
     q, k, v = self._qkv(x)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -134,6 +134,10 @@ class LlamaAttention(nnx.Module):
       # and the mask is lower-triangular, whose upper blocks a flash kernel skips (`is_causal`
       # ANDs the same triangle into `mask`, so XLA computes the same).
       keys, values, mask = keys[:, :t], values[:, :t], mask[..., :t]
+    elif key_limit is not None:
+      # A decode step whose queries sit below `key_limit`: later slots are invisible (causal by
+      # slot), so they need not be read.
+      keys, values, mask = keys[:, :key_limit], values[:, :key_limit], mask[..., :key_limit]
     # GQA is handled by dot_product_attention (Hq a multiple of Hkv); softmax runs in fp32.
     out = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask,
                                        is_causal=prefix, implementation=self.backend(t, q.dtype))
@@ -167,9 +171,9 @@ class LlamaDecoderLayer(nnx.Module):
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
 
-  def __call__(self, x, cos, sin, mask, kv=None, write_index=None, prefix=False):
+  def __call__(self, x, cos, sin, mask, kv=None, write_index=None, prefix=False, key_limit=None):
     a, new_kv, qk = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, write_index,
-                                   prefix)
+                                   prefix, key_limit)
     x = x + a
     x = x + self.mlp(self.post_attention_layernorm(x))
     return x, new_kv, qk
@@ -228,7 +232,8 @@ class LlamaForCausalLM(nnx.Module):
 
   def run_layers(self, x: jax.Array, positions: jax.Array, start: int = 0, end: int | None = None,
                  *, cache: KVCache | None = None, cache_write_index=None,
-                 key_valid: jax.Array | None = None, return_qk: bool = False):
+                 key_valid: jax.Array | None = None, return_qk: bool = False,
+                 key_limit: int | None = None):
     """Runs decoder layers `[start, end)` (static ints) on hidden states x [B,T,D].
 
     Args:
@@ -240,6 +245,9 @@ class LlamaForCausalLM(nnx.Module):
       cache_write_index: int or [B] int, required with `cache`; the caller keeps it + T <= S.
       key_valid: [B,T] bool, False for tokens nobody may attend to (padding, pruned tokens);
         default all True. With a cache it is written into `cache.valid` at the same slots.
+      key_limit: static int; attention reads only cache slots [0, key_limit). The caller keeps
+        every new token's slot below it (then no later slot is visible anyway): decode steps
+        early in a long generation skip the still-empty tail of the cache.
       return_qk: also return layer `end-1`'s own post-RoPE (q [B,T,Hq,Dh], k [B,T,Hkv,Dh]) of the
         new tokens (FastV score; with a cache, all keys are `new_cache.k[-1]` [B,S,Hkv,Dh]).
 
@@ -271,6 +279,9 @@ class LlamaForCausalLM(nnx.Module):
         raise ValueError("run_layers: cache_write_index is required when a cache is given")
       if t > cache.length:
         raise ValueError(f"run_layers: {t} new tokens do not fit a cache of {cache.length} slots")
+      if key_limit is not None and not 0 < key_limit <= cache.length:
+        raise ValueError(f"run_layers: key_limit {key_limit} outside a cache of {cache.length} "
+                         f"slots")
       index = jnp.broadcast_to(jnp.asarray(cache_write_index, jnp.int32), (b,))
       valid = write_rows(cache.valid, key_valid, index)
     mask = attention_mask(query_slots(b, t, index), valid)
@@ -281,7 +292,7 @@ class LlamaForCausalLM(nnx.Module):
     new_k, new_v, qk = [], [], None
     for i in range(start, end):
       kv = None if cache is None else (cache.k[i - start], cache.v[i - start])
-      x, kv, qk = self.layers[i](x, cos, sin, mask, kv, index, prefix)
+      x, kv, qk = self.layers[i](x, cos, sin, mask, kv, index, prefix, key_limit)
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
