@@ -135,8 +135,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                  help="windowed-block launches to time, comma-separated "
                       "rows:key_rows:num_warps:num_stages:rel (rel: 'table', products in the "
                       "kernel, or 'products', by XLA)")
-  p.add_argument("--global-configs", default="2:1:8:3:table,2:1:4:3:table,1:1:4:3:table,"
-                                             "2:1:8:2:table,4:1:8:3:table,2:1:8:3:products",
+  p.add_argument("--global-configs", default="1:1:4:3:table,2:1:4:3:table,2:1:8:3:table,"
+                                             "4:1:8:3:table,2:1:8:3:products",
                  help="the same for a global block (the 64x64 map as one window)")
   a = p.parse_args(argv)
   os.makedirs(a.out, exist_ok=True)

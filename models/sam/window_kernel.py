@@ -239,7 +239,7 @@ def default_launch(window: int) -> dict:
   14x14 windows, and a 64x64 map attended globally as one window."""
   if tile_side(window) <= 16:
     return dict(rows=8, key_rows=2, num_warps=4, num_stages=4)
-  return dict(rows=2, key_rows=1, num_warps=8, num_stages=3)
+  return dict(rows=1, key_rows=1, num_warps=4, num_stages=3)
 
 
 def window_attention(qkv: jax.Array, qkv_bias: jax.Array, rel: jax.Array | None, *,
