@@ -9,8 +9,8 @@ Attention (`SamImageEncoderConfig.attention_impl`): by default `jax.nn.dot_produ
 term is folded into wider q/k heads and cuDNN's flash kernel runs it with no O(T^2) tensor in
 memory (`fold_rel_pos`); elsewhere XLA runs it with the term as an additive fp32 bias. Softmax is
 fp32 in both; activations keep their dtype. "einsum" keeps the reference's 6-D formulation. On the
-GPU, windowed blocks run as one Pallas kernel instead (`models.sam.window_kernel`): no padded map, no
-window copies, no folded heads.
+GPU, windowed blocks run as one Pallas kernel instead (`models.sam.window_kernel`): no padded map,
+no window copies, no folded heads.
 """
 
 from __future__ import annotations

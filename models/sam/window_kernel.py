@@ -7,17 +7,21 @@ windowing (another transpose and a crop): on an H100 that glue costs more than t
 itself. This kernel does all of it on chip, one program per (image, window, head, block of
 window rows):
 
-  * q, k and v are gathered straight from the unpadded qkv map [B, H, W, 3, N, D]; a key in the window's zero padding (outside the map) is the qkv bias,
-    exactly what the reference's zero-padded tokens project to, and keys outside the window (the
-    tile's power-of-two slack) are masked;
-  * the decomposed relative-position bias is added as two small matmuls against one-hot key
-    rows/columns, gathered from each query's products with the stacked tables
-    (`rel_pos_table`), which the kernel computes itself (or XLA does: `rel_pos_products`);
+  * q, k and v are gathered straight from the unpadded qkv map [B, H, W, 3, N, D]; a key in the
+    window's zero padding (outside the map) is the qkv bias, exactly what the reference's
+    zero-padded tokens project to, and keys outside the window (the tile's power-of-two slack)
+    are masked;
+  * the decomposed relative-position bias comes from each query's products with the stacked
+    tables (`rel_pos_table`), which the kernel computes itself (or XLA does:
+    `rel_pos_products`); it is added as two small matmuls against one-hot key rows and columns,
+    or, with one key row per step, as that row's term broadcast plus the column terms as they
+    are;
   * softmax in fp32, online over blocks of key rows (FlashAttention-2's loop, pipelined by
     Triton across the blocks);
   * the output is scattered back to [B, H, W, N, D], so the crop and the inverse transpose vanish.
 
-Triton tensors have power-of-two sides, so a window of side w sits in a tile of side
+A global block is the same computation with the whole map as one window (`Attention` with
+"pallas"). Triton tensors have power-of-two sides, so a window of side w sits in a tile of side
 `next_power_of_2(w)` (14 -> 16) and the head dim is handled in power-of-two chunks (80 = 64 + 16).
 `interpret=True` runs the same kernel on any backend (the CPU tests check it against the einsum
 path); compiled, it needs an NVIDIA GPU.
