@@ -72,9 +72,9 @@ def parse_args(argv=None):
                  help="images per step of the SAM encoder's lax.map (32: fastest end to end at "
                       "batch 128 on an H100; smaller bounds its activations)")
   p.add_argument("--sam-attention", default="auto",
-                 help="comma list of SAM encoder attention paths (auto, einsum, xla_bias, "
-                      "xla_folded, cudnn_bias, cudnn_folded, cudnn_mixed): the first runs in the "
-                      "model and end to end; the sam_encoder component is timed once per path")
+                 help="comma list of SAM encoder attention paths (" + ", ".join(SAM_ATTENTION_IMPLS)
+                      + "): the first runs in the model and end to end; the sam_encoder "
+                      "component is timed once per path")
   p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS,
                  help="CLIP and LLM attention backend (auto: cuDNN flash where it runs, XLA for "
                       "the LLM's one-token decode steps); SAM's is --sam-attention")

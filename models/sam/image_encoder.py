@@ -327,7 +327,9 @@ class Block(nnx.Module):
     applied to the H x W tokens only: a zero padding token's qkv is exactly the qkv bias and its
     output is cropped away, so padding the bias-free product and adding the bias afterwards, and
     projecting after the crop, is the same arithmetic on H*W instead of Hp*Wp tokens (4096
-    instead of 4900 for ViT-H's 64x64 map in 14x14 windows). x: [B, H, W, dim] -> same."""
+    instead of 4900 for ViT-H's 64x64 map in 14x14 windows); or all of it in one kernel
+    (`Attention.kernel_attention`) where `resolve_attention_impl` picks it. x: [B, H, W, dim] ->
+    same."""
     b, h, w, _ = x.shape
     attn = self.attn
     ws = self.window_size

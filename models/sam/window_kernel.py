@@ -302,7 +302,7 @@ def _window_attention(qkv, qkv_bias, rel, *, window, scale, rows, key_rows, num_
     rel_mode, rel = "products", (rel,)
   rows, key_rows = min(rows, tile), min(key_rows, tile)     # small windows: one block of each
   for name, r in (("rows", rows), ("key_rows", key_rows)):
-    if r & (r - 1) or r > tile:
+    if r & (r - 1):
       raise ValueError(f"window_attention: {name} {r} must be a power of two <= the tile {tile}")
   head_dim_chunks(d)   # raises for a head dim Triton cannot chunk
   windows = -(-h // window) * -(-w // window)
