@@ -11,7 +11,10 @@ heads); and on CLIP ViT-L/14-336's unmasked 577 tokens (16 x 64).
 1. `jax.nn.dot_product_attention` with implementation "xla" and "cudnn" in bf16, each against an
    fp32 XLA reference (relative L2 and max abs error over the non-padding queries), and the median
    time of each at batch `--batch`.
-2. Two bf16 decoder layers of `LlamaForCausalLM` at Vicuna-7B width run as a cached prefill once
+2. The decoder's prefill mask two ways at batch `--lengths-batch`: a dense [B,1,T,T] mask with
+   `is_causal`, and per-row key lengths (what `run_layers(..., valid_is_prefix=True)` passes for
+   right-padded prompts), per backend: errors against fp32, the two against each other, times.
+3. Two bf16 decoder layers of `LlamaForCausalLM` at Vicuna-7B width run as a cached prefill once
    per backend; hidden states and the cache's keys against the same layers in fp32 (XLA).
 
 Writes OUT/llm_attention.json. GPU only (cuDNN does not run elsewhere):
@@ -91,6 +94,45 @@ def attention_rows(batch: int, repeats: int) -> list[dict]:
   return out
 
 
+def lengths_rows(batch: int, repeats: int) -> list[dict]:
+  """The decoder's prefill attention (Vicuna heads, 640 tokens at slot 0, right padding, causal)
+  masked two ways: a dense [B,1,T,T] mask, and per-row key lengths (`run_layers(...,
+  valid_is_prefix=True)`), per backend, against fp32 and against each other."""
+  kq, kk, kv, kl = jax.random.split(jax.random.key(3), 4)
+  shape = (batch, PREFILL, 32, 128)
+  q, k, v = (jax.random.normal(key, shape, jnp.float32) for key in (kq, kk, kv))
+  # Half the rows full, the rest right-padded to [T/2, T] tokens.
+  lengths = jax.random.randint(kl, (batch,), PREFILL // 2, PREFILL + 1).at[:batch // 2].set(PREFILL)
+  from models.llama.cache import attention_mask, query_slots
+  valid = jnp.arange(PREFILL)[None, :] < lengths[:, None]
+  mask = attention_mask(query_slots(batch, PREFILL, 0), valid)
+  ref_rows = min(batch, 8)
+  ref = jax.jit(lambda q, k, v, m: jax.nn.dot_product_attention(
+      q, k, v, mask=m, is_causal=True, implementation="xla"))(
+          q[:ref_rows], k[:ref_rows], v[:ref_rows], mask[:ref_rows])
+  qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  out = []
+  for impl in ("xla", "cudnn"):
+    dense = jax.jit(lambda q, k, v, m, impl=impl: jax.nn.dot_product_attention(
+        q, k, v, mask=m, is_causal=True, implementation=impl))
+    by_length = jax.jit(lambda q, k, v, n, impl=impl: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, key_value_seq_lengths=n, implementation=impl))
+    got_dense, got_length = dense(qb, kb, vb, mask), by_length(qb, kb, vb, lengths)
+    row = dict(what="prefill_mask_vs_lengths", impl=impl, batch=batch, queries=PREFILL,
+               q_heads=32, head_dim=128,
+               dense_mask=dict(errors(got_dense[:ref_rows], ref, valid[:ref_rows]),
+                               ms=common.median_ms(lambda: dense(qb, kb, vb, mask),
+                                                   jax.block_until_ready, repeats)["ms"]),
+               key_lengths=dict(errors(got_length[:ref_rows], ref, valid[:ref_rows]),
+                                ms=common.median_ms(lambda: by_length(qb, kb, vb, lengths),
+                                                    jax.block_until_ready, repeats)["ms"]),
+               max_abs_between=errors(got_length, got_dense, valid)["max_abs"])
+    row["speedup"] = row["dense_mask"]["ms"] / row["key_lengths"]["ms"]
+    out.append(row)
+    print(json.dumps(row), flush=True)
+  return out
+
+
 def layer_rows(batch: int) -> list[dict]:
   """Two Vicuna-width layers as a cached bf16 prefill per backend, against fp32."""
   from flax import nnx
@@ -135,8 +177,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
   p.add_argument("--out", required=True)
   p.add_argument("--batch", type=int, default=16, help="attention batch (timed)")
   p.add_argument("--layer-batch", type=int, default=4)
+  p.add_argument("--lengths-batch", type=int, default=128,
+                 help="batch of the dense-mask vs key-lengths prefill comparison")
   p.add_argument("--repeats", type=int, default=10)
+  p.add_argument("--parts", default="attention,lengths,layers",
+                 help="comma list of attention, lengths, layers")
   args = p.parse_args(argv)
+  parts = set(args.parts.split(","))
+  if parts - {"attention", "lengths", "layers"}:
+    raise SystemExit(f"llm_attention_gpu: unknown --parts {sorted(parts)}")
   if jax.default_backend() != "gpu":
     raise SystemExit(f"llm_attention_gpu: needs an NVIDIA GPU for cuDNN; this backend is "
                      f"{jax.default_backend()!r}")
@@ -144,8 +193,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
   dev = jax.devices()[0]
   result = dict(device=dev.device_kind, jax=jax.__version__,
                 date=time.strftime("%Y-%m-%d %H:%M:%S"),
-                attention=attention_rows(args.batch, args.repeats),
-                layers=layer_rows(args.layer_batch))
+                attention=(attention_rows(args.batch, args.repeats)
+                           if "attention" in parts else []),
+                lengths=(lengths_rows(args.lengths_batch, args.repeats)
+                         if "lengths" in parts else []),
+                layers=layer_rows(args.layer_batch) if "layers" in parts else [])
   path = os.path.join(args.out, "llm_attention.json")
   with open(path + ".tmp", "w") as f:
     json.dump(result, f, indent=1)

@@ -270,8 +270,9 @@ def _prefill(llm, embeds, positions, valid, visual_mask, plan: PrunePlan, max_ne
     stage_next_pos.append(attention_scores.take_rows(pos, last) + 1)
     is_last_stage = s == len(plan.bounds) - 1
     need_own_qk = not is_last_stage and plan.score == "fastv"
+    # Right-padded prompts stay right-padded through the stable gathers: `val` is a prefix.
     out = llm.run_layers(x, pos, start, end, cache=cache, cache_write_index=0, key_valid=val,
-                         return_qk=need_own_qk)
+                         return_qk=need_own_qk, valid_is_prefix=True)
     x, cache = out[0], out[1]
     caches.append(cache)
     if is_last_stage:

@@ -135,6 +135,40 @@ def test_right_padded_batch_matches_hf_on_valid_positions(models):
     np.testing.assert_allclose(got[b, :n], np.asarray(alone)[0], atol=ATOL, rtol=0)
 
 
+@functools.partial(jax.jit, static_argnames=("valid_is_prefix", "slots"))
+def _prefill_logits(model, ids, pos, key_valid, valid_is_prefix, slots=None):
+  """Logits [B,T,V] and the cache of a prefill (written at slot 0 of `slots` when given)."""
+  cache = None if slots is None else model.init_cache(ids.shape[0], slots)
+  x, cache = model.run_layers(model.embed(ids), pos, cache=cache,
+                              cache_write_index=None if slots is None else 0,
+                              key_valid=key_valid, valid_is_prefix=valid_is_prefix)
+  return model.logits(model.final_norm(x)), cache
+
+
+@pytest.mark.parametrize("slots", [None, 16], ids=["no_cache", "cache"])
+def test_prefill_masked_by_key_lengths_matches_hf(models, slots):
+  """`valid_is_prefix=True` (per-row key lengths instead of a dense mask) on right-padded rows,
+  down to a one-token row: HF's logits on the real tokens, the dense-mask run's everywhere
+  (padding queries included, which must stay finite), and the same cache."""
+  cfg, hf, model = models
+  lengths = np.array([13, 6, 1])
+  ids = _ids(cfg, 3, 13, seed=7)
+  valid = np.arange(13)[None] < lengths[:, None]
+  pos = np.broadcast_to(np.arange(13), ids.shape)
+  ref = _hf_logits(hf, ids, pos, valid).logits.numpy()
+  args = (model, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(valid))
+  got, cache = _prefill_logits(*args, valid_is_prefix=True, slots=slots)
+  dense, dense_cache = _prefill_logits(*args, valid_is_prefix=False, slots=slots)
+  got = np.asarray(got)
+  np.testing.assert_allclose(got[valid], ref[valid], atol=ATOL, rtol=0)
+  assert np.isfinite(got).all()
+  np.testing.assert_allclose(got, np.asarray(dense), atol=1e-5, rtol=0)
+  if slots is not None:
+    for a, b in zip(cache.k + cache.v + (cache.valid,), dense_cache.k + dense_cache.v
+                    + (dense_cache.valid,)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_gapped_positions_match_hf(models):
   cfg, hf, model = models
   ids = _ids(cfg, 2, 10, seed=2)

@@ -115,10 +115,13 @@ class LlamaAttention(nnx.Module):
     q, k, _ = self._qkv(x)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-  def __call__(self, x, cos, sin, mask, kv=None, write_index=None, prefix=False, key_limit=None):
+  def __call__(self, x, cos, sin, mask, kv=None, write_index=None, prefix=False, key_limit=None,
+               key_lengths=None):
     """x [B,T,D] (normalised); mask [B,1,T,S] bool; kv: None or (k, v) buffers [B,S,Hkv,Dh] with
     write_index [B]; prefix (static): the new tokens sit at slots [0, T) (no cache, or written at
-    the static index 0); key_limit (static int or None): attend over slots [0, key_limit) only.
+    the static index 0); key_limit (static int or None): attend over slots [0, key_limit) only;
+    key_lengths: None, or with `prefix` [B] int, row b's keys valid on slots [0, key_lengths[b])
+    exactly (right padding), which then replaces `mask`.
     Returns (out [B,T,D], new (k, v) buffers or None, (q, k) of the new tokens)."""
     b, t, _ = x.shape
     q, k, v = self._qkv(x)
@@ -138,9 +141,18 @@ class LlamaAttention(nnx.Module):
       # A decode step whose queries sit below `key_limit`: later slots are invisible (causal by
       # slot), so they need not be read.
       keys, values, mask = keys[:, :key_limit], values[:, :key_limit], mask[..., :key_limit]
+    if prefix and key_lengths is not None:
+      # Causal plus right padding as per-row lengths instead of a dense [B,1,T,T] mask, which
+      # cuDNN's flash kernel would read as an additive bias: masking by index is the same
+      # attention, 1.6x faster for Vicuna's 640-token prefill on an H100
+      # (`python -m eval.llm_attention_gpu --parts lengths`).
+      mask = None
+    else:
+      key_lengths = None
     # GQA is handled by dot_product_attention (Hq a multiple of Hkv); softmax runs in fp32.
     out = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask,
-                                       is_causal=prefix, implementation=self.backend(t, q.dtype))
+                                       is_causal=prefix, key_value_seq_lengths=key_lengths,
+                                       implementation=self.backend(t, q.dtype))
     return self.o_proj(out.reshape(b, t, -1)), new_kv, (q, k)
 
 
@@ -171,9 +183,10 @@ class LlamaDecoderLayer(nnx.Module):
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
 
-  def __call__(self, x, cos, sin, mask, kv=None, write_index=None, prefix=False, key_limit=None):
+  def __call__(self, x, cos, sin, mask, kv=None, write_index=None, prefix=False, key_limit=None,
+               key_lengths=None):
     a, new_kv, qk = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, write_index,
-                                   prefix, key_limit)
+                                   prefix, key_limit, key_lengths)
     x = x + a
     x = x + self.mlp(self.post_attention_layernorm(x))
     return x, new_kv, qk
@@ -233,7 +246,7 @@ class LlamaForCausalLM(nnx.Module):
   def run_layers(self, x: jax.Array, positions: jax.Array, start: int = 0, end: int | None = None,
                  *, cache: KVCache | None = None, cache_write_index=None,
                  key_valid: jax.Array | None = None, return_qk: bool = False,
-                 key_limit: int | None = None):
+                 key_limit: int | None = None, valid_is_prefix: bool = False):
     """Runs decoder layers `[start, end)` (static ints) on hidden states x [B,T,D].
 
     Args:
@@ -248,6 +261,10 @@ class LlamaForCausalLM(nnx.Module):
       key_limit: static int; attention reads only cache slots [0, key_limit). The caller keeps
         every new token's slot below it (then no later slot is visible anyway): decode steps
         early in a long generation skip the still-empty tail of the cache.
+      valid_is_prefix: static; the caller guarantees each row's `key_valid` is True on slots
+        [0, n_b) and False after (right padding, no holes). A prefill (no cache, or written at
+        slot 0) then masks attention by these lengths rather than by a dense mask, which cuDNN's
+        flash kernel runs faster. A promise, not checked: holes would be attended to.
       return_qk: also return layer `end-1`'s own post-RoPE (q [B,T,Hq,Dh], k [B,T,Hkv,Dh]) of the
         new tokens (FastV score; with a cache, all keys are `new_cache.k[-1]` [B,S,Hkv,Dh]).
 
@@ -288,11 +305,14 @@ class LlamaForCausalLM(nnx.Module):
     cos, sin = self.rope(positions)
     # Statically known to start at slot 0 (a prefill): attention can be cut to a causal T x T.
     prefix = cache is None or (isinstance(cache_write_index, int) and cache_write_index == 0)
+    key_lengths = None
+    if prefix and valid_is_prefix:
+      key_lengths = jnp.sum(key_valid, axis=-1, dtype=jnp.int32)
 
     new_k, new_v, qk = [], [], None
     for i in range(start, end):
       kv = None if cache is None else (cache.k[i - start], cache.v[i - start])
-      x, kv, qk = self.layers[i](x, cos, sin, mask, kv, index, prefix, key_limit)
+      x, kv, qk = self.layers[i](x, cos, sin, mask, kv, index, prefix, key_limit, key_lengths)
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
