@@ -148,15 +148,22 @@ def layer_rows(batch: int) -> list[dict]:
   mask, rows = masks(jax.random.key(2), batch, PREFILL, SLOTS)
   valid = rows   # the slots written by the prefill: right padding and pruned keys invalid
 
-  def run(graph, state, x, impl):
+  # Right padding only (no pruned holes): what a gather-mode prefill passes with
+  # `valid_is_prefix=True`, so that the cuDNN kernel masks by key lengths over the whole buffer.
+  lengths = jnp.where(jnp.arange(batch) % 2 == 0, PREFILL, PREFILL // 2 + 7)
+  padded = jnp.arange(PREFILL)[None, :] < lengths[:, None]
+
+  def run(graph, state, x, impl, valid=valid, valid_is_prefix=False):
     m = nnx.merge(graph, state)
     for layer in m.layers:
       layer.self_attn.attention_impl = impl
     cache = m.init_cache(batch, SLOTS)
-    h, cache = m.run_layers(x, pos, cache=cache, cache_write_index=0, key_valid=valid)
+    h, cache = m.run_layers(x, pos, cache=cache, cache_write_index=0, key_valid=valid,
+                            valid_is_prefix=valid_is_prefix)
     return h, cache.k[-1][:, :PREFILL]
 
   want_h, want_k = jax.jit(lambda s, x: run(graph32, s, x, "xla"))(state32, x)
+  want_padded = jax.jit(lambda s, x: run(graph32, s, x, "xla", padded))(state32, x)
   cfg16 = LlamaConfig.vicuna_7b(num_layers=2, vocab_size=256, dtype=jnp.bfloat16,
                                 param_dtype=jnp.bfloat16)
   graph16, _ = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(cfg16, rngs=nnx.Rngs(0))))
@@ -169,6 +176,13 @@ def layer_rows(batch: int) -> list[dict]:
                hidden=errors(h, want_h, rows), last_layer_keys=errors(k, want_k, rows))
     out.append(row)
     print(json.dumps(row), flush=True)
+  h, k = jax.jit(lambda s, x: run(graph16, s, x, "cudnn", padded, True))(state16,
+                                                                         x.astype(jnp.bfloat16))
+  row = dict(what="two_vicuna_layers_prefill_key_lengths", batch=batch, impl="cudnn",
+             hidden=errors(h, want_padded[0], padded),
+             last_layer_keys=errors(k, want_padded[1], padded))
+  out.append(row)
+  print(json.dumps(row), flush=True)
   return out
 
 
