@@ -120,13 +120,20 @@ def test_logits_match_hf(models):
   np.testing.assert_allclose(np.asarray(logits), ref, atol=ATOL, rtol=0)
 
 
+def _right_padded(cfg, hf, lengths, seed):
+  """Rows of `lengths` real tokens right-padded to max(lengths): ids, valid, positions [B,T] and
+  HF's logits [B,T,V]."""
+  t = int(max(lengths))
+  ids = _ids(cfg, len(lengths), t, seed=seed)
+  valid = np.arange(t)[None] < np.asarray(lengths)[:, None]
+  pos = np.broadcast_to(np.arange(t), ids.shape)
+  return ids, valid, pos, _hf_logits(hf, ids, pos, valid).logits.numpy()
+
+
 def test_right_padded_batch_matches_hf_on_valid_positions(models):
   cfg, hf, model = models
   lengths = np.array([13, 6, 9])
-  ids = _ids(cfg, 3, 13, seed=1)
-  valid = np.arange(13)[None] < lengths[:, None]
-  pos = np.broadcast_to(np.arange(13), ids.shape)
-  ref = _hf_logits(hf, ids, pos, valid).logits.numpy()
+  ids, valid, pos, ref = _right_padded(cfg, hf, lengths, seed=1)
   got = np.asarray(forward(model, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(valid))[0])
   np.testing.assert_allclose(got[valid], ref[valid], atol=ATOL, rtol=0)
   # And each padded row equals that row run alone, unpadded.
@@ -153,11 +160,7 @@ def test_prefill_masked_by_key_lengths_matches_hf(models, slots):
   lengths run attends over the whole buffer, whose extra masked slots change only the order of
   the float sums)."""
   cfg, hf, model = models
-  lengths = np.array([13, 6, 1])
-  ids = _ids(cfg, 3, 13, seed=7)
-  valid = np.arange(13)[None] < lengths[:, None]
-  pos = np.broadcast_to(np.arange(13), ids.shape)
-  ref = _hf_logits(hf, ids, pos, valid).logits.numpy()
+  ids, valid, pos, ref = _right_padded(cfg, hf, [13, 6, 1], seed=7)
   args = (model, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(valid))
   got, cache = _prefill_logits(*args, valid_is_prefix=True, slots=slots)
   dense, dense_cache = _prefill_logits(*args, valid_is_prefix=False, slots=slots)

@@ -139,6 +139,7 @@ class LlamaAttention(nnx.Module):
       # (`python -m eval.llm_attention_gpu --parts lengths`). With a cache, the kernel reads the
       # whole buffer: every slot from T on is beyond each row's length (and above the causal
       # diagonal), so it is skipped, and the buffer needs no copy of its strided first T slots.
+      # (XLA's path, on CPU and TPU, computes those masked logits: S/T more, ~10% for GCG.)
       mask = None
     elif prefix:
       # Causal by slot, queries at slots [0, T) see no later slot: only the first T keys matter,
@@ -266,7 +267,8 @@ class LlamaForCausalLM(nnx.Module):
       valid_is_prefix: static; the caller guarantees each row's `key_valid` is True on slots
         [0, n_b) and False after (right padding, no holes). A prefill (no cache, or written at
         slot 0) then masks attention by these lengths rather than by a dense mask, which cuDNN's
-        flash kernel runs faster. A promise, not checked: holes would be attended to.
+        flash kernel runs faster. A promise, not checked: with holes, the lengths (counts of
+        valid slots) would mask the wrong keys.
       return_qk: also return layer `end-1`'s own post-RoPE (q [B,T,Hq,Dh], k [B,T,Hkv,Dh]) of the
         new tokens (FastV score; with a cache, all keys are `new_cache.k[-1]` [B,S,Hkv,Dh]).
 
