@@ -265,8 +265,13 @@ def markdown(rows, meta):
   return "\n".join(lines) + "\n"
 
 
+# One colour per method in every panel and framework; the framework is the line style and marker.
+_METHOD_ORDER = ("none", "altp", "fastv", "pdrop", "prelm")
+
+
 def plot(rows, path):
-  """images/s against visual tokens kept, one line per (framework, method, batch)."""
+  """images/s against visual tokens kept: a panel per batch, a line per (framework, method).
+  Each pruned line starts at its framework's unpruned point, which is also drawn alone."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -274,6 +279,9 @@ def plot(rows, path):
   batches = sorted({r["batch"] for r in e2e})
   if not batches:
     return False
+  methods = sorted({r["method"] for r in e2e},
+                   key=lambda m: (_METHOD_ORDER.index(m) if m in _METHOD_ORDER else 99, m))
+  colour = {m: f"C{i}" for i, m in enumerate(methods)}
   fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
   for ax, b in zip(axes[0], batches):
     series = {}
@@ -283,11 +291,12 @@ def plot(rows, path):
       series.setdefault((r["framework"], r["method"]), []).append(
           (r["visual_kept"], r["images_per_s"]))
     none = {fw: pts for (fw, m), pts in series.items() if m == "none"}
-    for (fw, m), pts in sorted(series.items()):
+    for (fw, m), pts in sorted(series.items(), key=lambda kv: (kv[0][0], methods.index(kv[0][1]))):
       if m != "none":
-        pts = pts + none.get(fw, [])   # every curve starts at the unpruned point
+        pts = pts + none.get(fw, [])
       pts.sort()
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colour[m],
+              marker="o" if fw == "jax" else "s", markersize=8 if m == "none" else 5,
               linestyle="-" if fw == "jax" else "--", label=f"{fw} {m}")
     ax.set_title(f"batch {b}")
     ax.set_xlabel("visual tokens kept (of the pruning point)")

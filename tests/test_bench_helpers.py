@@ -178,3 +178,39 @@ def test_llm_profile_tiny_writes_prefill_and_decode_parts(tmp_path):
     assert saved[part]["top"] and set(saved[part]["kinds_ms_per_call"]) <= {
         "matmul", "attention", "other"}
   assert res["decode_loop"]["of_floor"] == saved["decode_loop"]["of_floor"] > 0
+
+
+def _e2e(framework, method, reduction, batch, ms, kept):
+  return dict(framework=framework, what="e2e", method=method, reduction=reduction, batch=batch,
+              ms=ms, visual_kept=kept, images_per_s=batch / ms * 1e3)
+
+
+def test_report_joins_the_halves_by_method_reduction_and_batch(tmp_path):
+  """`--part report` over two JSON halves: ALTP is set against the reference pruned to the same
+  tokens (prelm at its reduction) and against the unpruned reference; FastV has no same-token
+  counterpart; a batch without a reference row gets no ratio. Writes the table and the plot."""
+  import json
+  from eval import bench
+  jax_rows = [_e2e("jax", "none", 0.0, 1, 400.0, 576), _e2e("jax", "altp", 0.9, 1, 300.0, 58),
+              _e2e("jax", "altp", 0.5, 1, 350.0, 288),
+              _e2e("jax", "fastv", 0.9, 1, 350.0, 58), _e2e("jax", "none", 0.0, 128, 5000.0, 576)]
+  torch_rows = [_e2e("torch", "none", 0.0, 1, 2000.0, 576),
+                _e2e("torch", "prelm", 0.9, 1, 1500.0, 58),
+                _e2e("torch", "prelm", 0.5, 1, 1800.0, 288)]
+  for name, rows in (("bench_jax_a", jax_rows), ("bench_torch_a", torch_rows)):
+    (tmp_path / f"{name}.json").write_text(json.dumps(dict(meta={}, rows=rows)))
+  bench.report(str(tmp_path))
+  joined = {(r["method"], r["reduction"], r["batch"]): r
+            for r in json.loads((tmp_path / "bench.json").read_text())["e2e_joined"]}
+  assert set(joined) == {("none", 0.0, 1), ("altp", 0.9, 1), ("altp", 0.5, 1), ("fastv", 0.9, 1),
+                         ("none", 0.0, 128)}
+  assert joined["altp", 0.9, 1]["vs_torch_same"] == pytest.approx(300 / 1500)
+  assert joined["altp", 0.5, 1]["vs_torch_same"] == pytest.approx(350 / 1800)
+  assert joined["altp", 0.9, 1]["vs_torch_none"] == pytest.approx(300 / 2000)
+  assert joined["none", 0.0, 1]["vs_torch_same"] == pytest.approx(400 / 2000)
+  assert joined["fastv", 0.9, 1]["vs_torch_same"] is None
+  assert joined["fastv", 0.9, 1]["vs_torch_none"] == pytest.approx(350 / 2000)
+  assert joined["none", 0.0, 128]["vs_torch_none"] is None
+  md = (tmp_path / "bench.md").read_text()
+  assert "| jax | altp | 0.9 | 58 | 1 | 300.0 |" in md
+  assert (tmp_path / "bench.png").stat().st_size > 0
