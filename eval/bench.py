@@ -256,6 +256,14 @@ def markdown(rows, meta):
         f"{r['batch']} | {_f(r['ms'])} | {_f(per, 3)} | {_f(r.get('tflops'), 1)} | "
         f"{_f(r.get('frac_matmul'), 3)} | {_f(r.get('gbps'), 0) if r.get('gbps') else '–'} | "
         f"{_f(r.get('frac_copy'), 2) if r.get('gbps') else '–'} | {_f(r.get('floor_ms'))} |")
+  cost = sorted((r for r in rows if r.get("what") == "altp_cost"),
+                key=lambda r: (r["batch"], r["reduction"]))
+  if cost:
+    lines += ["", "### ALTP's own cost (device superpixels, pixel detail and selection, timed "
+              "alone)", "", "| reduction | batch | ms per batch | ms per image | "
+              "of the end-to-end time |", "|" + "---|" * 5]
+    lines += [f"| {r['reduction']} | {r['batch']} | {_f(r['ms'])} | {_f(r['ms_per_image'], 3)} | "
+              f"{r['of_e2e']:.2%} |" for r in cost]
   other = [r for r in rows if r.get("what") in ("max_batch", "error", "search_stop", "skipped")]
   if other:
     lines += ["", "### Largest batch and failures", ""]

@@ -4,7 +4,8 @@ Per batch it times (median of repeats after a warm-up call, `block_until_ready`)
 mm_projector, the SAM image encoder, the mask decoder (per [SEG]); and per (method, reduction):
 the LLM prefill, one decode step (stage caches from that prefill, donated) and end-to-end GCG
 (`eval.gcg.gcg_forward`: CLIP -> pruning -> prefill -> `while_loop` decode of a fixed number of
-tokens -> [SEG] states -> masks). Every program is compiled ahead of time once (`jit.lower(...)
+tokens -> [SEG] states -> masks); for ALTP also its own cost, the selection program alone (device
+superpixels, pixel detail, selection; `altp_cost`, with its fraction of the end-to-end time). Every program is compiled ahead of time once (`jit.lower(...)
 .compile()`), the programs of one batch in parallel threads, and then timed one after another.
 
 End to end, `--e2e split` (default) runs the SAM encoder program and the GCG program back to back
@@ -265,6 +266,28 @@ class Bench:
                                      x["sam_px"] if fused else emb, x["images01"],
                                      jax.random.key(0))
 
+  def lower_selection(self, x, method, reduction):
+    """The pre-LLM selection alone (`eval.gcg.pre_llm_selection`: for ALTP the device
+    superpixels, pixel detail and selection) on the batch's CLIP images. The visual tokens and
+    CLS attention are inputs with the shapes `encode_image` gives (`selection_inputs`)."""
+    from eval.gcg import pre_llm_selection
+    opts = self.options(method, reduction)
+    vis, cls = jax.eval_shape(lambda s, p: self.model(s).encode_image(p), self.state,
+                              x["clip_px"])
+    fn = lambda v, c, im, rng: pre_llm_selection(opts.prune, v, c, None, im, rng,  # noqa: E731
+                                                 opts.grid)
+    return lambda: jax.jit(fn).lower(vis, cls, x["images01"], jax.random.key(0))
+
+  def selection_inputs(self, x):
+    """(visual [B, N, D], CLS attention [B, N] summing to 1, images01, key) for
+    `lower_selection`'s program: random values, the shapes and dtypes of `encode_image`."""
+    vis, cls = jax.eval_shape(lambda s, p: self.model(s).encode_image(p), self.state,
+                              x["clip_px"])
+    k1, k2 = jax.random.split(jax.random.key(3))
+    return (jax.random.normal(k1, vis.shape, vis.dtype),
+            jax.nn.softmax(jax.random.normal(k2, cls.shape, cls.dtype), axis=-1),
+            x["images01"], jax.random.key(0))
+
   def llm_inputs(self, b, method, reduction):
     return llm_inputs(self.config, self.lay, b, method, reduction)
 
@@ -418,6 +441,8 @@ def run(args, log: common.JsonLog):
     for method, red in combos:
       key = (method, red)
       lowerings[("e2e",) + key] = bench.lower_e2e(x, method, red)
+      if method == "altp":
+        lowerings[("altp_cost",) + key] = bench.lower_selection(x, method, red)
       if args.components:
         data, lw = bench.lower_llm(b, method, red)
         llm_data[key] = data
@@ -513,6 +538,14 @@ def run(args, log: common.JsonLog):
             ms_per_image=t["ms"] / b, compile_s=sec + sam_s, new_tokens=lay.new_tokens,
             segs=lay.segs, gflop_per_image=gf["total"] / 1e9,
             **flops.fractions(gf["total"] * b, nbytes, t["ms"] / 1e3, rate, bw), **_memory(c))
+        if ("altp_cost",) + key in progs:
+          # ALTP's own cost (issue 5: at most 2% of the per-image time at the best batch): the
+          # same selection code as inside the e2e program, timed alone.
+          c, sec = progs[("altp_cost",) + key]
+          sel = bench.selection_inputs(x)
+          ts = common.median_ms(lambda: c(*sel), _sync, args.repeats)
+          row(what="altp_cost", **tag, **ts, ms_per_image=ts["ms"] / b,
+              of_e2e=ts["ms"] / t["ms"], compile_s=sec, **_memory(c))
       except Exception as e:  # noqa: BLE001 - record the failure (e.g. out of memory) and go on
         row(what="error", **tag, error=f"{type(e).__name__}: {str(e)[:300]}", oom=common.is_oom(e),
             **_memory_now())

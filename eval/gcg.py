@@ -188,26 +188,8 @@ def gcg_forward(model, ids, valid, visual_mask, clip_pixels, sam_pixels, labels,
   keep = jnp.zeros((b, 0), jnp.int32)
   if prune.method in PRE_LLM:
     k = prune.kept(n)
-    if prune.method == "altp" and labels is None:
-      pix = pipeline.device_pixel_labels(images01, n_segments=prune.n_segments(n),
-                                         config=prune.altp)
-      g = pipeline.device_num_segments(images01.shape[1], images01.shape[2],
-                                       prune.n_segments(n))
-      labels = superpixels.token_labels(pix, options.grid, g, prune.altp.token_labels)
-    else:
-      g = prune.num_segments(n)
-    if prune.method == "altp" and prune.altp.score != "clip_cls":
-      cls = altp_score(prune.altp.score, visual, cls)
-    detail = None
-    if prune.method == "altp" and prune.altp.density == "pixel_detail":
-      if images01 is None:
-        raise ValueError("ALTP density 'pixel_detail' measures detail on the images: pass "
-                         "images01 [B, H, W, 3] in [0, 1], or choose another density")
-      # Mean Sobel magnitude per token patch of the CLIP input (same values as the host version).
-      detail = superpixels.patch_detail_device(images01, options.grid)
     rng, sub = jax.random.split(rng)
-    keep = pre_llm_keep(prune.method, k, visual, cls, labels, sub, prune.altp, g, options.grid,
-                        detail)
+    keep = pre_llm_selection(prune, visual, cls, labels, images01, sub, options.grid)
     keep_all = gather.sequence_keep_mask(visual_mask, ranking.keep_mask(keep, n))
     length = t - (n - k)
     ids, index, _ = gather.gather_kept(ids, keep_all, length)
@@ -226,6 +208,42 @@ def gcg_forward(model, ids, valid, visual_mask, clip_pixels, sam_pixels, labels,
       jnp.arange(out.tokens.shape[1])[None] < out.lengths[:, None]), axis=1)
   return dict(tokens=out.tokens, lengths=out.lengths, low_res=low_res, seg_valid=seg_valid,
               num_segs=num_segs, keep_visual=keep)
+
+
+def pre_llm_selection(prune: PruneConfig, visual, cls, labels, images01, rng, grid):
+  """[B, k] ascending kept visual-token indices of a pre-LLM method, everything it costs
+  included: for ALTP the device superpixels (when `labels` is None), the pixel detail and the
+  selection. The benchmark times this function alone as ALTP's own cost.
+
+  Args:
+    prune: a `PruneConfig` whose method is in `PRE_LLM`.
+    visual: [B, N, D] projected visual tokens; cls: [B, N] CLS->patch attention.
+    labels: [B, N] int32 token superpixel labels (host superpixels) or None.
+    images01: [B, S, S, 3] CLIP input in [0, 1] (device superpixels, pixel detail), or None.
+    rng: PRNG key (the `random` method); grid: (rows, cols) of the visual tokens.
+  """
+  n = visual.shape[1]
+  k = prune.kept(n)
+  if prune.method == "altp" and labels is None:
+    if images01 is None:
+      raise ValueError("ALTP with device superpixels needs images01 [B, H, W, 3] in [0, 1]")
+    pix = pipeline.device_pixel_labels(images01, n_segments=prune.n_segments(n),
+                                       config=prune.altp)
+    g = pipeline.device_num_segments(images01.shape[1], images01.shape[2],
+                                     prune.n_segments(n))
+    labels = superpixels.token_labels(pix, grid, g, prune.altp.token_labels)
+  else:
+    g = prune.num_segments(n)
+  if prune.method == "altp" and prune.altp.score != "clip_cls":
+    cls = altp_score(prune.altp.score, visual, cls)
+  detail = None
+  if prune.method == "altp" and prune.altp.density == "pixel_detail":
+    if images01 is None:
+      raise ValueError("ALTP density 'pixel_detail' measures detail on the images: pass "
+                       "images01 [B, H, W, 3] in [0, 1], or choose another density")
+    # Mean Sobel magnitude per token patch of the CLIP input (same values as the host version).
+    detail = superpixels.patch_detail_device(images01, grid)
+  return pre_llm_keep(prune.method, k, visual, cls, labels, rng, prune.altp, g, grid, detail)
 
 
 @functools.partial(jax.jit, static_argnames=("fdef", "options"))

@@ -214,3 +214,20 @@ def test_report_joins_the_halves_by_method_reduction_and_batch(tmp_path):
   md = (tmp_path / "bench.md").read_text()
   assert "| jax | altp | 0.9 | 58 | 1 | 300.0 |" in md
   assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_altp_cost_program_selects_k_tokens_per_image():
+  """The program the benchmark times as ALTP's own cost (`Bench.lower_selection`: device
+  superpixels, pixel detail and selection on the batch's images) returns k distinct ascending
+  visual-token indices per image, k from the reduction."""
+  import argparse
+  from eval import bench_jax
+  config = common.bench_config(True)
+  lay = common.layout(config, True)
+  bench = bench_jax.Bench(config, lay, argparse.Namespace(fuse_projections=True))
+  x = bench_jax.make_inputs(config, lay, 2)
+  keep = np.asarray(bench.lower_selection(x, "altp", 0.5)().compile()(*bench.selection_inputs(x)))
+  n = lay.num_visual
+  assert keep.shape == (2, common.kept(n, 0.5)) and keep.shape[1] < n
+  for row in keep:
+    assert np.all(np.diff(row) > 0) and row[0] >= 0 and row[-1] < n

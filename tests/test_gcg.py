@@ -168,6 +168,11 @@ def test_prune_config_errors():
   assert gcg.PruneConfig(method="altp", keep_ratio=0.1).kept(576) == 58
   plan = gcg.PruneConfig(method="pdrop", keep_ratio=0.1).plan(32, 576)
   assert plan.average_visual_retention() == pytest.approx(0.1, abs=0.01)
+  # Device superpixels (no host labels) need the images, and say so.
+  visual, cls = jnp.zeros((1, 16, 8)), jnp.full((1, 16), 1 / 16)
+  with pytest.raises(ValueError, match="device superpixels needs images01"):
+    gcg.pre_llm_selection(gcg.PruneConfig(method="altp", keep_ratio=0.5, superpixels="device"),
+                          visual, cls, None, None, jax.random.key(0), (4, 4))
 
 
 def test_cli_killed_mid_run_loses_nothing(tmp_path):
