@@ -5,8 +5,9 @@ mm_projector, the SAM image encoder, the mask decoder (per [SEG]); and per (meth
 the LLM prefill, one decode step (stage caches from that prefill, donated) and end-to-end GCG
 (`eval.gcg.gcg_forward`: CLIP -> pruning -> prefill -> `while_loop` decode of a fixed number of
 tokens -> [SEG] states -> masks); for ALTP also its own cost, the selection program alone (device
-superpixels, pixel detail, selection; `altp_cost`, with its fraction of the end-to-end time). Every program is compiled ahead of time once (`jit.lower(...)
-.compile()`), the programs of one batch in parallel threads, and then timed one after another.
+superpixels, pixel detail, selection; `altp_cost`, with its fraction of the end-to-end time).
+Every program is compiled ahead of time once (`jit.lower(...).compile()`), the programs of one
+batch in parallel threads, and then timed one after another.
 
 End to end, `--e2e split` (default) runs the SAM encoder program and the GCG program back to back
 and blocks once at the end (the SAM encoder depends on no method, so it is compiled once per
