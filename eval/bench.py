@@ -283,6 +283,7 @@ def plot(rows, path):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from matplotlib import ticker
   e2e = [r for r in rows if r.get("what") == "e2e"]
   batches = sorted({r["batch"] for r in e2e})
   if not batches:
@@ -310,6 +311,10 @@ def plot(rows, path):
     ax.set_xlabel("visual tokens kept (of the pruning point)")
     ax.set_ylabel("images / s (log)")
     ax.set_yscale("log")
+    # Plain numbers on both tick levels: a batch-1 panel spans less than a decade, where the
+    # default labels only the minor ticks, in scientific notation (2.7 x 10^0).
+    for axis_ticks in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+      axis_ticks(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   fig.tight_layout()
